@@ -1,0 +1,1 @@
+"""Weight conversion between the released PyTorch CodeGeeX checkpoints and geex-jax."""

@@ -1,0 +1,2 @@
+"""geex-jax: CodeGeeX in JAX/Flax."""
+__version__ = "0.1.0"
