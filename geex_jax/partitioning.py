@@ -1,0 +1,95 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Mesh axes: `data` (pure data parallel: params replicated), `fsdp` (data parallel with params and
+optimizer state sharded, ZeRO-3 style), `model` (tensor parallel: heads, MLP and vocab split).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# logical name -> mesh axis (or axes, or None = replicated). Parameter names first, then
+# activation names. Order matters only for names listed twice (the first that fits wins).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "model"),
+    ("embed", "fsdp"),
+    ("heads", "model"),
+    ("kv", None),
+    ("mlp", "model"),
+    ("layers", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("cache_length", None),
+    ("act_embed", None),
+    ("act_heads", "model"),
+    ("act_mlp", "model"),
+    ("act_vocab", "model"),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills one -1 entry with the remaining devices and checks the product."""
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+  unknown = [i for i, s in enumerate(shape) if s == -1]
+  if len(unknown) > 1:
+    raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+  known = math.prod(s for s in shape if s != -1)
+  if unknown:
+    if num_devices % known:
+      raise ValueError(f"mesh shape {shape} does not divide {num_devices} devices")
+    shape[unknown[0]] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"{num_devices} are available")
+  return tuple(shape)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A ('data', 'fsdp', 'model') mesh over all (or the given) devices; -1 takes the rest.
+
+  `model` is the fastest-varying axis, so tensor-parallel groups sit on neighbouring devices
+  (same host / ICI ring), as they need the most bandwidth.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape((data, fsdp, model), len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+  """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+
+
+def shard_params(params: Any, logical_specs: Any, mesh: Mesh,
+                 rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+  """Places (unboxed) params on the mesh according to their logical axis names."""
+  shardings = logical_to_sharding(logical_specs, mesh, rules)
+  return jax.tree.map(jax.device_put, params, shardings)
+
+
+def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
+  """Sharding of a [batch, ...] input array: batch split over data x fsdp."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (rank - 1))))
+
+
+def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
+  """Context manager activating the rules for nn.with_logical_constraint inside the model."""
+  return nn.logical_axis_rules(list(rules))
