@@ -1,0 +1,49 @@
+"""seqio Tasks (one per corpus language) and the Mixture, for seqio/t5x users.
+
+Task `{mixture}_{slug}`: source = the language's TFRecord shards (one UTF-8 document per record);
+preprocessors: prepend the tag line, tokenize, append EOD; output feature "targets". The batch
+pipeline (pipeline.py) produces the same documents without TensorFlow; the tests compare them.
+Use with `seqio.get_dataset(name, {"targets": L}, feature_converter=...)`; note that seqio's
+packing truncates each document to L tokens (pipeline.py does not).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import seqio
+
+from geex_jax.data import catalog
+from geex_jax.data.tf_import import import_tf
+from geex_jax.data.vocabulary import CodeGeeXVocabulary
+
+tf = import_tf()
+
+
+def _read_documents(files: tf.data.Dataset) -> tf.data.Dataset:
+  return tf.data.TFRecordDataset(files).map(lambda r: {"text": r})
+
+
+@seqio.map_over_dataset
+def _tag_line(example, tag: str):
+  """{"text"} -> {"targets": TAG + "\\n" + text}: the sample format of CodeGeeX."""
+  return {"targets": tf.strings.join([tag + "\n", example["text"]])}
+
+
+def register_seqio(mixture: str, specs: Sequence[catalog.TaskSpec], rates: Sequence[float]) -> None:
+  """(Re)registers the seqio Tasks for `specs` and the Mixture `mixture` with `rates`."""
+  vocabs = {}
+  for spec in specs:
+    vocab = vocabs.setdefault(spec.tokenizer_dir, CodeGeeXVocabulary(spec.tokenizer_dir))
+    seqio.TaskRegistry.remove(spec.name)
+    seqio.TaskRegistry.add(
+        spec.name,
+        source=seqio.FileDataSource(read_file_fn=_read_documents,
+                                    split_to_filepattern={"train": list(spec.shards)},
+                                    num_input_examples={"train": spec.num_documents}),
+        preprocessors=[functools.partial(_tag_line, tag=spec.tag),
+                       seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
+    )
+  seqio.MixtureRegistry.remove(mixture)
+  seqio.MixtureRegistry.add(mixture, [(s.name, r) for s, r in zip(specs, rates)])
