@@ -11,7 +11,7 @@ unscanned params tree (`layers_3/attention/query/kernel`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -160,3 +160,99 @@ def params_to_released(params: dict, config: CodeGeeXConfig) -> dict:
   """Unscanned geex-jax params -> {released name: numpy array}."""
   return {torch_name: transform.to_torch(np.asarray(get_path(params, flax_path)), config)
           for torch_name, flax_path, transform in rows(config)}
+
+
+# --- Layout variants around the table: fused Q/K/V and model-parallel shards (facts §3). -------
+
+# A fused tensor is the concatenation of its parts on dim 0 (weight and bias alike):
+# (fused suffix within a layer, part suffixes in concat order, layers it occurs in).
+# The top query layer keeps its query separate (its queries come from the top query table).
+FUSED_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("attention.query_key_value", ("attention.query", "attention.key", "attention.value"),
+     "layers"),
+    ("attention.key_value", ("attention.key", "attention.value"), "topQueryLayer"),
+)
+
+# How model-parallel shards split each tensor: (released-name suffix, torch dim), None meaning
+# replicated. Matched by suffix, first match wins; every released name matches one rule.
+# Column-parallel linears split their output rows (dim 0, bias too); row-parallel linears split
+# their input columns (dim 1) and replicate the bias.
+SPLIT_RULES: tuple[tuple[str, Optional[int]], ...] = (
+    ("word_embeddings.weight", 0),
+    ("top_query_embeddings.weight", 0),
+    ("position_embeddings.weight", None),
+    ("attention.query.weight", 0), ("attention.query.bias", 0),
+    ("attention.key.weight", 0), ("attention.key.bias", 0),
+    ("attention.value.weight", 0), ("attention.value.bias", 0),
+    ("mlp.dense_h_to_4h.weight", 0), ("mlp.dense_h_to_4h.bias", 0),
+    ("attention.dense.weight", 1), ("attention.dense.bias", None),
+    ("mlp.dense_4h_to_h.weight", 1), ("mlp.dense_4h_to_h.bias", None),
+    ("layernorm.weight", None), ("layernorm.bias", None),
+)
+
+
+def split_axis(name: str) -> Optional[int]:
+  """The torch dim along which model-parallel shards split released tensor `name` (None:
+  replicated)."""
+  for suffix, axis in SPLIT_RULES:
+    if name.endswith(suffix):
+      return axis
+  raise KeyError(f"no split rule for {name}")
+
+
+def fused_parts(name: str) -> Optional[tuple[str, ...]]:
+  """The released names a fused tensor `name` concatenates (on dim 0), or None if not fused.
+
+  `transformer.layers.3.attention.query_key_value.weight` -> (`...layers.3.attention.query.weight`,
+  `...key.weight`, `...value.weight`).
+  """
+  for fused, parts, where in FUSED_ROWS:
+    for kind in ("weight", "bias"):
+      tail = f"{fused}.{kind}"
+      if name.endswith("." + tail):
+        prefix = name[:-len(tail)]
+        scope = prefix.split(".")[1] if prefix.startswith("transformer.") else None
+        if scope == where:
+          return tuple(f"{prefix}{p}.{kind}" for p in parts)
+  return None
+
+
+def fuse_released(flat: dict, concat: Callable) -> dict:
+  """{released name: tensor} -> the fused-QKV variant (for tests and tools that want it).
+  concat(list, axis) joins tensors (np.concatenate or torch.cat)."""
+  out = dict(flat)
+  for name in list(flat):
+    for fused, parts, where in FUSED_ROWS:
+      for kind in ("weight", "bias"):
+        first = f"{parts[0]}.{kind}"
+        if name.endswith("." + first) and name.split(".")[1] == where:
+          prefix = name[:-len(first)]
+          names = [f"{prefix}{p}.{kind}" for p in parts]
+          out[f"{prefix}{fused}.{kind}"] = concat([out.pop(n) for n in names], 0)
+  return out
+
+
+def split_released(flat: dict, num_shards: int) -> list[dict]:
+  """{released name: array} -> one dict per model-parallel rank, per SPLIT_RULES (in memory;
+  the converter streams the same rule tensor by tensor)."""
+  shards: list[dict] = [{} for _ in range(num_shards)]
+  for name, value in flat.items():
+    axis = split_axis(name)
+    for rank in range(num_shards):
+      if axis is None:
+        shards[rank][name] = value
+      else:
+        size = value.shape[axis] // num_shards
+        index = [slice(None)] * value.ndim
+        index[axis] = slice(rank * size, (rank + 1) * size)
+        shards[rank][name] = value[tuple(index)]
+  return shards
+
+
+def scanned_path(flax_path: str) -> tuple[str, Optional[int]]:
+  """An unscanned flax path -> (its path in the scanned layout, layer index or None).
+  `layers_3/mlp/dense_h_to_4h/kernel` -> (`layers/mlp/dense_h_to_4h/kernel`, 3)."""
+  head, _, rest = flax_path.partition("/")
+  if head.startswith("layers_") and head[len("layers_"):].isdigit():
+    return f"layers/{rest}", int(head[len("layers_"):])
+  return flax_path, None

@@ -132,3 +132,172 @@ def load_params(directory: os.PathLike, *, dtype: Optional[Any] = None,
   if shardings is None:
     params = jax.tree.map(jnp.asarray, params)
   return config, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming access: write and read a params checkpoint one tensor (or one layer) at a time, so that
+# converting a checkpoint larger than RAM needs memory for a single tensor only. Both sides go
+# through Orbax's own TensorStore specs, so what is written here is an ordinary Orbax PyTree
+# checkpoint (`load_params` and the trainer restore it) and what is read here can be any Orbax
+# params checkpoint.
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyArray:
+  """A params leaf whose data is produced on demand while the checkpoint is written.
+
+  shape/dtype: of the whole leaf. pieces: (index, produce) pairs; `produce()` returns the numpy
+  data of `leaf[index]`, or of the whole leaf when index is None. A stacked (scanned) leaf has one
+  piece per layer, index i, each of shape shape[1:].
+  """
+  shape: tuple
+  dtype: Any
+  pieces: tuple
+
+  @property
+  def size(self) -> int:  # Orbax checks leaves for zero size before writing
+    return int(np.prod(self.shape))
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * np.dtype(self.dtype).itemsize
+
+
+def _lazy_handler(on_bytes):
+  """An Orbax NumpyHandler that writes LazyArray leaves piece by piece, one leaf at a time."""
+  import asyncio
+  import tensorstore as ts
+  from orbax.checkpoint._src.serialization import ocdbt_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  from orbax.checkpoint._src.serialization import type_handlers
+
+  class LazyArrayHandler(type_handlers.NumpyHandler):
+    # typestr() stays "np.ndarray": the checkpoint's metadata then names the stock NumpyHandler,
+    # so restoring needs nothing from this module.
+
+    def __init__(self):
+      super().__init__(deepcopy_host_arrays=False)  # a deepcopy would defeat the laziness
+
+    async def _background_serialize(self, values, infos, args):
+      # Sequential on purpose: the stock handler gathers every write at once, which would hold
+      # every leaf in memory together.
+      pending = None
+      # Orbax's context, except for file_io_sync: TensorStore would fsync every piece (several
+      # syncs per OCDBT commit, hundreds of commits: most of the wall time); the caller syncs
+      # the finished checkpoint once instead. Shared by all leaves, which write one OCDBT
+      # database.
+      context = ts.Context({"file_io_concurrency": {"limit": 128},
+                            "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
+                            "file_io_sync": False})
+
+      async def _counted(write, nbytes):
+        await write
+        on_bytes(nbytes)
+
+      try:
+        for value, info, arg in zip(values, infos, args):
+          await info.await_path_creation()
+          stacked = value.pieces and value.pieces[0][0] is not None
+          # A stacked leaf gets one zarr shard ("write shape") per layer, so each layer's slice is
+          # an independent write; one shard for the whole leaf would make every slice write
+          # read-modify-write the entire stacked array.
+          write_shape = (1, *value.shape[1:]) if stacked else tuple(value.shape)
+          spec = ts_utils.build_array_write_spec(
+              info=info, arg=arg, global_shape=tuple(value.shape), local_shape=write_shape,
+              dtype=np.dtype(value.dtype), use_ocdbt=info.is_ocdbt_checkpoint,
+              process_index=ocdbt_utils.get_process_index_for_subdir(
+                  use_ocdbt=info.is_ocdbt_checkpoint))
+          store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=context)
+          for index, produce in value.pieces:
+            data = np.asarray(produce())
+            target = store if index is None else store[index]
+            if data.shape != tuple(target.shape) or data.dtype != np.dtype(value.dtype):
+              raise CheckpointError(
+                  f"{info.name}[{index}]: produced {data.dtype}{list(data.shape)}, expected "
+                  f"{np.dtype(value.dtype)}{list(target.shape)}")
+            # One write in flight while the next piece is produced: TensorStore writes on its own
+            # threads, so reading/casting overlaps the disk, for at most two pieces of memory.
+            # The pieces are fresh arrays nobody mutates, so TensorStore may use them uncopied.
+            if pending is not None:
+              await pending
+            pending = asyncio.ensure_future(_counted(
+                target.write(data, can_reference_source_data_indefinitely=True), data.nbytes))
+            del data
+        if pending is not None:
+          await pending
+      except BaseException:
+        # Let the write in flight finish (cancelling does not stop TensorStore's commit): a write
+        # landing after the caller removed the partial checkpoint would recreate it.
+        if pending is not None:
+          await asyncio.gather(pending, return_exceptions=True)
+        raise
+
+  return LazyArrayHandler()
+
+
+def save_params_streaming(directory: os.PathLike, config: CodeGeeXConfig, tree: Any, *,
+                          compress: bool = False, on_bytes=lambda n: None) -> None:
+  """Writes a params-only checkpoint (config.json + params/) from a tree of LazyArray leaves.
+
+  Peak memory is about one piece (a tensor or one layer's slice) plus TensorStore's buffers.
+  compress: zstd the chunks (Orbax's default). Off by default: trained weights barely compress
+  and zstd would be the bottleneck of a conversion. on_bytes(n) is called after each piece.
+  """
+  import jax as _jax
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint._src.serialization import type_handler_registry
+  from orbax.checkpoint._src.serialization import type_handlers
+  registry = type_handler_registry.create_type_handler_registry(
+      (LazyArray, _lazy_handler(on_bytes)),
+      (np.ndarray, type_handlers.NumpyHandler()),
+      (_jax.Array, type_handlers.ArrayHandler()))
+  path = pathlib.Path(directory).absolute()
+  save_config(path, config)
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(path / PARAMS_ITEM, tree, force=True)
+  sync_tree(path)
+
+
+def sync_tree(root: pathlib.Path) -> None:
+  """fsyncs every file and directory under `root` (one pass instead of a sync per write)."""
+  for directory, _, files in os.walk(root, topdown=False):
+    for name in [*files, "."]:
+      fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+
+class StoredParams:
+  """Read access to a params checkpoint's leaves without loading them: `leaves` maps a leaf's
+  key path (tuple of str) to a TensorStore; `read(keys, index)` reads one leaf or one layer."""
+
+  def __init__(self, directory: os.PathLike):
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+    self.path = params_path(directory).absolute()  # first: "not found" beats "no config.json"
+    self.config = load_config(directory)
+    try:
+      meta = json.loads((self.path / "_METADATA").read_text())
+      context = ts_utils.get_ts_context(use_ocdbt=bool(meta["use_ocdbt"]))
+      self.leaves = {}
+      for entry in meta["tree_metadata"].values():
+        keys = tuple(str(k["key"]) for k in entry["key_metadata"])
+        spec = ts_utils.ArrayReadSpec(
+            directory=self.path.as_posix(), relative_array_filename=".".join(keys),
+            use_zarr3=bool(meta.get("use_zarr3", False)), use_ocdbt=bool(meta["use_ocdbt"]))
+        self.leaves[keys] = ts.open(ts.Spec(spec.json), open=True, context=context).result()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"cannot read params from {self.path}: {type(e).__name__}: {e}"
+                            ) from None
+
+  def read(self, keys: tuple, index: Optional[int] = None) -> np.ndarray:
+    return self.read_async(keys, index).result()
+
+  def read_async(self, keys: tuple, index: Optional[int] = None):
+    """Starts reading (on TensorStore's threads); `.result()` of the returned future is the
+    numpy array. Lets a caller fetch the next tensor while it processes the current one."""
+    store = self.leaves[tuple(keys)]
+    return (store if index is None else store[index]).read()

@@ -1,0 +1,143 @@
+"""Throughput and peak memory of geex-convert, both ways, against a plain file copy.
+
+  python bench/convert.py                       # 2.7b shape, ~5.3 GB fp16, under /tmp
+  python bench/convert.py --preset 350m --workdir /scratch
+
+Writes a synthetic checkpoint of the preset's shape in the released single-file layout (random
+fp16, streamed to disk so the script itself stays small), then times, each in its own process:
+  copy          shutil.copyfile of that file (the I/O floor for reading + writing those bytes),
+                once as is and once with an fsync at the end (the converter's output is synced:
+                TensorStore fsyncs its writes, jax-to-torch fsyncs the .pt before renaming it)
+  torch-to-jax  geex-convert torch-to-jax SRC DST            (bf16, the default)
+  jax-to-torch  geex-convert jax-to-torch DST OUT.pt         (fp16, the default)
+Peak RSS is the child's VmHWM (imports of jax and torch included). All files are removed at
+the end unless --keep. Prints a Markdown table for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from conversion import table, torch_io  # noqa: E402
+from conversion.convert import torch_shapes  # noqa: E402
+from geex_jax.model import CodeGeeXConfig  # noqa: E402
+
+_CHILD = """
+import os, resource, shutil, sys, time
+t = time.perf_counter()
+if sys.argv[1] in ("copy", "copy+fsync"):
+  shutil.copyfile(sys.argv[2], sys.argv[3])
+  if sys.argv[1] == "copy+fsync":
+    with open(sys.argv[3], "rb") as f:
+      os.fsync(f.fileno())
+else:
+  from conversion import cli
+  cli.main(sys.argv[1:] + ["--no-progress"])
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec() from the (larger) parent.
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print("BENCH", time.perf_counter() - t, hwm)
+"""
+
+
+def write_synthetic(path: pathlib.Path, config: CodeGeeXConfig) -> int:
+  """The released layout of `config` with random fp16 weights, one tensor in memory at a time."""
+  import torch
+  shapes = torch_shapes(config)
+  nested = table.nest_released({n: torch_io.placeholder(s, torch.float16)
+                                for n, s in shapes.items()})
+  writer = torch_io.TorchZipWriter(path, nested)
+  # A 64 MB pool of N(0, 0.02) values, cut at a different offset per tensor: random-looking
+  # weights without spending minutes in the RNG.
+  pool = (np.random.default_rng(0).standard_normal(1 << 25, np.float32) * 0.02).astype(np.float16)
+  for i, placeholder in enumerate(writer.order):
+    n = int(np.prod(placeholder.shape))
+    start = (i * 7919) % pool.size
+    data = np.resize(np.roll(pool, -start), n) if n > pool.size - start else pool[start:start + n]
+    writer.write(np.ascontiguousarray(data).reshape(placeholder.shape))
+  writer.close()
+  return path.stat().st_size
+
+
+def run(*argv) -> tuple[float, int]:
+  """Runs one step in a fresh process; returns (seconds, peak RSS bytes)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  proc = subprocess.run([sys.executable, "-c", _CHILD, *map(str, argv)], env=env,
+                        capture_output=True, text=True)
+  if proc.returncode:
+    raise SystemExit(f"step {argv[0]} failed:\n{proc.stderr[-3000:]}")
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("BENCH"))
+  _, seconds, rss = line.split()
+  for l in proc.stdout.splitlines():
+    if not l.startswith("BENCH"):
+      print("  " + l, file=sys.stderr)
+  return float(seconds), int(rss)
+
+
+def du(path: pathlib.Path) -> int:
+  if path.is_file():
+    return path.stat().st_size
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="2.7b")
+  parser.add_argument("--workdir", default=tempfile.gettempdir())
+  parser.add_argument("--keep", action="store_true")
+  args = parser.parse_args()
+  config = CodeGeeXConfig.preset(args.preset)
+  work = pathlib.Path(tempfile.mkdtemp(prefix="geex-convert-bench-", dir=args.workdir))
+  try:
+    src, jax_dir, out = work / "src.pt", work / "jax", work / "out.pt"
+    t = time.perf_counter()
+    size = write_synthetic(src, config)
+    print(f"synthetic {args.preset} checkpoint: {size / 1e9:.2f} GB in "
+          f"{time.perf_counter() - t:.0f} s", file=sys.stderr)
+    rows = []
+    for kind in ("copy", "copy+fsync"):
+      s, rss = run(kind, src, work / "copy.pt")
+      (work / "copy.pt").unlink()
+      rows.append((f"{kind} (shutil.copyfile{', fsync' if 'fsync' in kind else ''})", size, s,
+                   rss))
+    copy_s, sync_s = rows[0][2], rows[1][2]
+    s, rss = run("torch-to-jax", src, jax_dir)
+    rows.append(("torch-to-jax (fp16 -> bf16)", size, s, rss))
+    s, rss = run("jax-to-torch", jax_dir, out)
+    rows.append(("jax-to-torch (bf16 -> fp16)", du(jax_dir), s, rss))
+  finally:
+    if not args.keep:
+      shutil.rmtree(work, ignore_errors=True)
+
+  print(f"\n`python bench/convert.py --preset {args.preset}` on {platform.node() or 'host'}: "
+        f"{os.cpu_count()} CPUs, {_mem_gb():.0f} GB RAM, {platform.machine()}, "
+        f"checkpoint {size / 1e9:.2f} GB ({config.num_params() / 1e9:.2f}B params, fp16)\n")
+  print("| step | bytes | wall s | MB/s | time vs copy | vs copy+fsync | peak RSS | "
+        "RSS / checkpoint |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, nbytes, seconds, rss in rows:
+    print(f"| {name} | {nbytes / 1e9:.2f} GB | {seconds:.1f} | {nbytes / 1e6 / seconds:.0f} | "
+          f"{seconds / copy_s:.2f}x | {seconds / sync_s:.2f}x | {rss / 1e6:.0f} MB | "
+          f"{100 * rss / size:.1f}% |")
+
+
+def _mem_gb() -> float:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+  except (ValueError, OSError):
+    return float("nan")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,554 @@
+"""Released PyTorch CodeGeeX checkpoints <-> geex-jax params checkpoints, streaming and verified.
+
+Both directions walk `table.rows(config)` (the one mapping) one tensor at a time: a tensor is
+read (memory-mapped, model-parallel parts merged, fused Q/K/V split), transformed, cast and written
+before the next one is touched, so peak memory is a couple of tensors, not the checkpoint.
+
+Output goes to a hidden staging path beside DST that is renamed into place only after everything
+(verification included) succeeded; any error removes it, so a failed run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import pathlib
+import re
+import resource
+import shutil
+import sys
+import time
+import uuid
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from conversion import table
+from conversion import torch_io
+from geex_jax import checkpoints
+from geex_jax.errors import CheckpointError, InputError
+from geex_jax.model import PRESETS, CodeGeeXConfig, abstract_params, as_dtype
+
+# Above this size --verify compares a sample of tensors bit for bit instead of running both models
+# (which would need the whole model in memory twice).
+VERIFY_LOGITS_MAX_PARAMS = 200_000_000
+TORCH_TO_JAX_DTYPES = ("bf16", "fp32", "fp16")
+JAX_TO_TORCH_DTYPES = ("fp16", "fp32", "bf16")
+
+
+@dataclasses.dataclass
+class Summary:
+  """What a conversion did; `line()` is the CLI's final report."""
+  direction: str
+  dst: pathlib.Path
+  tensors: int
+  bytes_written: int
+  dtype: str
+  seconds: float
+  peak_rss: int          # bytes, the process's peak resident set during the conversion
+  checkpoint_bytes: int  # size of the larger side (the reference for the RSS share)
+  verify: Optional[str] = None
+
+  @property
+  def mb_per_s(self) -> float:
+    return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
+
+  def line(self) -> str:
+    text = (f"{self.direction}: {self.tensors} tensors, {_size(self.bytes_written)} "
+            f"{self.dtype} in {self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s), peak RSS "
+            f"{_size(self.peak_rss)} ({100 * self.peak_rss / max(self.checkpoint_bytes, 1):.0f}% "
+            f"of the {_size(self.checkpoint_bytes)} checkpoint) -> {self.dst}")
+    return text + (f"\nverify: {self.verify}" if self.verify else "")
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if n < 1000 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    n /= 1000
+  raise AssertionError
+
+
+def peak_rss() -> int:
+  """Peak resident set of this process in bytes. VmHWM rather than ru_maxrss: Linux carries
+  ru_maxrss over exec(), so a child started by a big parent would report the parent's peak."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+# --- output staging --------------------------------------------------------------------------
+
+
+def check_destination(dst: pathlib.Path, overwrite: bool) -> None:
+  if dst.exists() and not overwrite:
+    raise InputError(f"{dst} already exists; pass --overwrite to replace it")
+  if not dst.parent.is_dir():
+    raise InputError(f"{dst.parent} is not a directory")
+
+
+@contextlib.contextmanager
+def staged(dst: pathlib.Path, overwrite: bool):
+  """Yields a staging path beside `dst`; renames it to `dst` on success, deletes it on any error.
+
+  Beside, not in /tmp: the final rename must stay on one filesystem to be atomic and cheap.
+  """
+  check_destination(dst, overwrite)
+  stage = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+  try:
+    yield stage
+    if dst.exists():
+      old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+      dst.rename(old)
+      stage.rename(dst)
+      _remove(old)
+    else:
+      stage.rename(dst)
+  except BaseException:
+    _remove(stage)
+    raise
+
+
+def _remove(path: pathlib.Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  elif path.exists() or path.is_symlink():
+    path.unlink()
+
+
+def _progress(total: int, desc: str, enabled: Optional[bool]):
+  from tqdm import tqdm
+  return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+              disable=(not sys.stderr.isatty()) if enabled is None else not enabled,
+              file=sys.stderr, dynamic_ncols=True)
+
+
+# --- shapes ----------------------------------------------------------------------------------
+
+
+def flax_shapes(config: CodeGeeXConfig) -> dict[str, tuple]:
+  """{unscanned flax path: shape} for `config`."""
+  tree = nn.unbox(abstract_params(config.replace(scan_layers=False)))
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def torch_shapes(config: CodeGeeXConfig) -> dict[str, tuple]:
+  """{released name: torch shape} for `config`, derived through the table's transforms."""
+  shapes = flax_shapes(config)
+  seen: dict[tuple, tuple] = {}  # every layer repeats the same few (transform, shape) pairs
+  out = {}
+  for torch_name, flax_path, transform in table.rows(config):
+    key = (transform.name, shapes[flax_path])
+    if key not in seen:
+      spec = jax.ShapeDtypeStruct(shapes[flax_path], np.float32)
+      seen[key] = tuple(jax.eval_shape(lambda x: transform.to_torch(x, config), spec).shape)
+    out[torch_name] = seen[key]
+  return out
+
+
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
+
+
+def infer_config(shapes: dict[str, tuple], *, preset: Optional[str] = None,
+                 num_heads: Optional[int] = None, vocab_size: Optional[int] = None
+                 ) -> CodeGeeXConfig:
+  """The model config of a released checkpoint: `preset` if given, else from tensor shapes.
+
+  The head count is invisible in the shapes; it comes from `num_heads`, else from the preset of
+  the same hidden size. The vocabulary is the embedding's row count unless `vocab_size` or the
+  preset says otherwise (the embedding is then trimmed or padded).
+  """
+  if preset is not None:
+    try:
+      config = CodeGeeXConfig.preset(preset)
+    except ValueError as e:
+      raise InputError(str(e)) from None
+    if num_heads is not None:
+      config = config.replace(num_heads=num_heads)
+  else:
+    for needed in (WORD_EMBEDDINGS, "embedding.position_embeddings.weight",
+                   "transformer.topQueryLayer.mlp.dense_h_to_4h.weight"):
+      if needed not in shapes:
+        raise CheckpointError(f"missing key {needed}: cannot infer the model shape")
+    max_position, hidden = shapes["embedding.position_embeddings.weight"]
+    layers = {int(m.group(1)) for m in map(_LAYER.match, shapes) if m}
+    ffn = shapes["transformer.topQueryLayer.mlp.dense_h_to_4h.weight"][0]
+    if num_heads is None:
+      matches = [n for n, p in PRESETS.items()
+                 if p.get("hidden_size", CodeGeeXConfig.hidden_size) == hidden]
+      if not matches:
+        raise InputError(f"cannot infer the number of attention heads for hidden size {hidden}; "
+                         "pass --num-heads or --preset")
+      num_heads = CodeGeeXConfig.preset(matches[0]).num_heads
+    try:
+      config = CodeGeeXConfig(vocab_size=shapes[WORD_EMBEDDINGS][0], hidden_size=hidden,
+                              num_layers=max(layers) + 1 if layers else 0, num_heads=num_heads,
+                              ffn_size=ffn, max_position=max_position)
+    except ValueError as e:
+      raise InputError(str(e)) from None
+  if vocab_size is not None:
+    config = config.replace(vocab_size=vocab_size)
+  return config
+
+
+def check_shapes(source: torch_io.TorchSource, config: CodeGeeXConfig) -> list[str]:
+  """Validates names and shapes of `source` against `config`; returns notes for the user."""
+  expected = torch_shapes(config)
+  missing = sorted(expected.keys() - source.shapes.keys())
+  extra = sorted(source.shapes.keys() - expected.keys())
+  if missing:
+    raise CheckpointError(f"missing key {missing[0]}" + (
+        f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + _describe(config))
+  if extra:
+    raise CheckpointError(f"unexpected key {extra[0]}" + (
+        f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + _describe(config))
+  notes = []
+  for name, want in expected.items():
+    got = source.shapes[name]
+    if name == WORD_EMBEDDINGS and got[1:] == want[1:] and got[0] != want[0]:
+      verb = "trimming" if got[0] > want[0] else "zero-padding"
+      notes.append(f"word embeddings: {verb} {got[0]} -> {want[0]} rows to match vocab_size "
+                   f"{want[0]}")
+      continue
+    if got != want:
+      hint = ""
+      axis = table.split_axis(name)
+      if source.num_shards > 1 and axis is not None and len(got) == len(want) and all(
+          g == w for i, (g, w) in enumerate(zip(got, want)) if i != axis):
+        hint = (f"; inconsistent shard count: {source.num_shards} shard files give dim {axis} = "
+                f"{got[axis]}, the model needs {want[axis]}")
+      raise CheckpointError(f"wrong shape for {name}: {list(got)}, expected {list(want)}"
+                            f"{hint or _describe(config)}")
+  return notes
+
+
+def _describe(config: CodeGeeXConfig) -> str:
+  return (f" (model: {config.num_layers}+1 layers, hidden {config.hidden_size}, "
+          f"{config.num_heads} heads, ffn {config.ffn_size}, vocab {config.vocab_size}, "
+          f"{config.max_position} positions)")
+
+
+def _fit_vocab(array: np.ndarray, rows: int) -> np.ndarray:
+  if array.shape[0] > rows:
+    return array[:rows]
+  if array.shape[0] < rows:
+    pad = np.zeros((rows - array.shape[0], *array.shape[1:]), array.dtype)
+    return np.concatenate([array, pad])
+  return array
+
+
+def _source_tensor(source: torch_io.TorchSource, name: str, config: CodeGeeXConfig,
+                   consume: Callable[[np.ndarray], np.ndarray] = np.array) -> np.ndarray:
+  """consume(released tensor `name` of the source, embedding fitted to the vocab)."""
+  if name == WORD_EMBEDDINGS:
+    return source.load(name, lambda a: consume(_fit_vocab(a, config.vocab_size)))
+  return source.load(name, consume)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn: Callable, config: CodeGeeXConfig, dtype: np.dtype) -> Callable:
+  """fn(x, config).astype(dtype) compiled by XLA for the host CPU.
+
+  A table transform is a transpose/reshape; numpy's strided copy and ml_dtypes' bf16 cast run
+  at ~150-300 MB/s on one core, XLA's tiled multi-threaded transpose+convert at ~500 MB/s. The
+  conversions are bit-identical to numpy's (subnormals and NaNs included; tested).
+  """
+  cpu = jax.devices("cpu")[0]
+  compiled = jax.jit(lambda x: fn(x, config).astype(dtype))
+
+  def run(array: np.ndarray) -> np.ndarray:
+    return np.asarray(compiled(jax.device_put(array, cpu)))  # on the CPU even if a GPU exists
+
+  return run
+
+
+def _to_flax(source, name, transform, config, dtype) -> np.ndarray:
+  """The flax array of released tensor `name`: transform, cast and make contiguous in one copy,
+  straight from the mapped file."""
+  return _source_tensor(source, name, config, _compiled(transform.to_flax, config, dtype))
+
+
+# --- torch -> jax ----------------------------------------------------------------------------
+
+
+def torch_to_jax(src: os.PathLike, dst: os.PathLike, *, dtype: str = "bf16",
+                 preset: Optional[str] = None, num_heads: Optional[int] = None,
+                 vocab_size: Optional[int] = None, scan_layers: bool = True,
+                 verify: bool = False, overwrite: bool = False, trust_pickle: bool = False,
+                 compress: bool = False, progress: Optional[bool] = None,
+                 notify: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+                 ) -> Summary:
+  """Converts a released checkpoint (file, fused-QKV file or mp_rank_XX shard directory) at SRC
+  into a geex-jax params checkpoint at DST (config.json + params/)."""
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  np_dtype = _np_dtype(dtype, TORCH_TO_JAX_DTYPES)
+  check_destination(dst, overwrite)  # before reading anything: fail fast
+  start = time.perf_counter()
+  source = torch_io.TorchSource(src, trust_pickle=trust_pickle)
+  config = infer_config(source.shapes, preset=preset, num_heads=num_heads, vocab_size=vocab_size)
+  for note in check_shapes(source, config):
+    notify(note)
+  config = config.replace(param_dtype=np_dtype.name, scan_layers=scan_layers)
+  shapes = flax_shapes(config)
+
+  pieces: dict[str, list] = {}
+  for torch_name, flax_path, transform in table.rows(config):
+    path, index = table.scanned_path(flax_path) if scan_layers else (flax_path, None)
+    pieces.setdefault(path, []).append(
+        (index, functools.partial(_to_flax, source, torch_name, transform, config, np_dtype),
+         shapes[flax_path]))
+  tree: dict = {}
+  for path, items in pieces.items():
+    shape = items[0][2] if items[0][0] is None else (len(items), *items[0][2])
+    table.set_path(tree, path, checkpoints.LazyArray(shape, np_dtype,
+                                                     tuple((i, p) for i, p, _ in items)))
+  total = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+
+  with staged(dst, overwrite) as stage:
+    with _progress(total, "torch->jax", progress) as bar:
+      checkpoints.save_params_streaming(stage, config, tree, compress=compress,
+                                        on_bytes=bar.update)
+    seconds, rss = time.perf_counter() - start, peak_rss()
+    summary = Summary("torch-to-jax", dst, len(list(table.rows(config))), total,
+                      np_dtype.name, seconds, rss, max(source.nbytes, total))
+    if verify:
+      summary.verify = verify_torch_to_jax(source, stage, config)
+  return summary
+
+
+def _np_dtype(name: str, allowed) -> np.dtype:
+  if name not in allowed:
+    raise InputError(f"unsupported --dtype {name!r}; use one of {', '.join(allowed)}")
+  return np.dtype(as_dtype(name))
+
+
+# --- jax -> torch ----------------------------------------------------------------------------
+
+
+def _stored_reader(stored: checkpoints.StoredParams, config: CodeGeeXConfig):
+  """Checks the stored leaves against `config`; returns read(flax_path) -> future array."""
+  scanned = any(keys[0] == "layers" for keys in stored.leaves)
+  shapes = flax_shapes(config)
+  want: dict[tuple, tuple] = {}
+  for path, shape in shapes.items():
+    spath, index = table.scanned_path(path) if scanned else (path, None)
+    keys = tuple(spath.split("/"))
+    want[keys] = shape if index is None else (config.num_layers, *shape)
+  if set(want) != set(stored.leaves):
+    diff = sorted("/".join(k) for k in set(want).symmetric_difference(stored.leaves))
+    raise CheckpointError(f"{stored.path} does not match its config.json: leaves differ at "
+                          f"{diff[:3]}")
+  for keys, shape in want.items():
+    got = tuple(stored.leaves[keys].shape)
+    if got != shape:
+      raise CheckpointError(f"{stored.path}: {'/'.join(keys)} has shape {list(got)}, config.json "
+                            f"implies {list(shape)}")
+
+  def read(flax_path: str):
+    """Starts reading a leaf (or one layer of it); `.result()` is the numpy array."""
+    path, index = table.scanned_path(flax_path) if scanned else (flax_path, None)
+    return stored.read_async(tuple(path.split("/")), index)
+
+  return read
+
+
+def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", shards: int = 1,
+                 verify: bool = False, overwrite: bool = False,
+                 progress: Optional[bool] = None) -> Summary:
+  """Converts a geex-jax checkpoint (params-only, run dir or step dir) at SRC to the released
+  layout: one file DST, or with shards > 1 a directory DST of mp_rank_XX_model_states.pt."""
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  np_dtype = _np_dtype(dtype, JAX_TO_TORCH_DTYPES)
+  t_dtype = torch_io.torch_dtype(np_dtype)
+  if shards < 1:
+    raise InputError(f"--shards must be >= 1, got {shards}")
+  check_destination(dst, overwrite)
+  start = time.perf_counter()
+  stored = checkpoints.StoredParams(src)
+  config = stored.config
+  read = _stored_reader(stored, config)
+  shapes = torch_shapes(config)
+  if shards > 1:
+    if config.num_heads % shards:
+      raise InputError(f"cannot split {config.num_heads} attention heads into {shards} shards")
+    for name, shape in shapes.items():
+      axis = table.split_axis(name)
+      if axis is not None and shape[axis] % shards:
+        raise InputError(f"cannot split {name} {list(shape)} into {shards} shards on dim {axis}")
+
+  def part_shape(name, shape):
+    axis = table.split_axis(name) if shards > 1 else None
+    if axis is None:
+      return shape
+    return tuple(s // shards if i == axis else s for i, s in enumerate(shape))
+
+  layouts = [table.nest_released({n: torch_io.placeholder(part_shape(n, s), t_dtype)
+                                  for n, s in shapes.items()}) for _ in range(shards)]
+  transforms = {t: (f, tr) for t, f, tr in table.rows(config)}
+  total = sum(int(np.prod(s)) for s in shapes.values()) * np_dtype.itemsize
+
+  def produce(name: str, fetched=None) -> np.ndarray:
+    flax_path, transform = transforms[name]
+    array = (fetched if fetched is not None else read(flax_path)).result()
+    return _compiled(transform.to_torch, config, np_dtype)(array)
+
+  with staged(dst, overwrite) as stage:
+    if shards == 1:
+      paths = [stage]
+    else:
+      stage.mkdir()
+      paths = [stage / torch_io.shard_name(r) for r in range(shards)]
+    writers = [torch_io.TorchZipWriter(p, layout) for p, layout in zip(paths, layouts)]
+    # Every writer pickled the same nesting, so all expect tensors in the same name order.
+    names = _leaf_names(table.nest_released(dict.fromkeys(shapes)))
+    with _progress(total, "jax->torch", progress) as bar:
+      fetched = read(transforms[names[0]][0])
+      for i, name in enumerate(names):
+        current = fetched
+        # Prefetch: TensorStore reads the next tensor while this one is cast and written.
+        fetched = read(transforms[names[i + 1]][0]) if i + 1 < len(names) else None
+        array = produce(name, current)
+        axis = table.split_axis(name) if shards > 1 else None
+        for rank, writer in enumerate(writers):
+          if axis is None:
+            writer.write(array)
+          else:
+            size = array.shape[axis] // shards
+            writer.write(np.take(array, np.arange(rank * size, (rank + 1) * size), axis=axis))
+        bar.update(array.nbytes)
+        del array
+    for writer, path in zip(writers, paths):
+      writer.close()
+      _fsync(path)  # durable before the rename publishes it (TensorStore syncs its own writes)
+    seconds, rss = time.perf_counter() - start, peak_rss()
+    written = sum(os.path.getsize(p) for p in paths)
+    summary = Summary("jax-to-torch", dst, len(shapes), total, np_dtype.name, seconds, rss,
+                      max(written, total))
+    if verify:
+      summary.verify = verify_jax_to_torch(stage, read, config, produce)
+  return summary
+
+
+def _fsync(path: pathlib.Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _leaf_names(nested: dict) -> list[str]:
+  """Released names in the depth-first order torch.save pickles the released nesting."""
+  lm = nested["module"]["language_model"]
+  names = []
+  for group, modules in lm.items():
+    if group == "transformer":
+      names += [f"transformer.{k}" for k in modules]
+    else:
+      names += [f"{group}.{m}.{p}" for m, params in modules.items() for p in params]
+  return names
+
+
+# --- verification ----------------------------------------------------------------------------
+
+_PROMPT_LEN = 16
+
+
+def _logits_diff(config: CodeGeeXConfig, flat_fp32: dict[str, np.ndarray], params) -> float:
+  """Max |logits(torch reference) - logits(JAX)| on a fixed prompt, both in fp32."""
+  import torch
+  import jax.numpy as jnp
+  from conversion.torch_reference import CodeGeeXTorch
+  from geex_jax.model import CodeGeeX
+  cfg = config.replace(dtype="float32", param_dtype="float32", dropout_rate=0.0)
+  tokens = np.random.RandomState(0).randint(
+      0, min(cfg.vocab_size, 50400), size=(1, min(_PROMPT_LEN, cfg.max_position)))
+  ref = CodeGeeXTorch(cfg.replace(scan_layers=False)).eval()
+  try:
+    ref.load_released({k: torch.from_numpy(v) for k, v in flat_fp32.items()}, strict=True)
+  except RuntimeError as e:
+    raise CheckpointError(f"verify: the PyTorch reference rejects the weights: "
+                          f"{str(e).splitlines()[0]}") from None
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(tokens))[0].numpy()
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  got = np.asarray(CodeGeeX(cfg).apply({"params": params}, jnp.asarray(tokens)))
+  return float(np.abs(got - expected).max())
+
+
+def _check_logits(diff: float) -> str:
+  if not diff <= 1e-4:
+    raise CheckpointError(f"verify failed: logits of JAX and the PyTorch reference differ by "
+                          f"{diff:.3g} (> 1e-4)")
+  return f"logits of JAX and the PyTorch reference agree (max abs diff {diff:.2e} <= 1e-4)"
+
+
+def _sample_rows(config: CodeGeeXConfig) -> list[str]:
+  last = config.num_layers - 1
+  wanted = [WORD_EMBEDDINGS, "topQueryEmbedding.top_query_embeddings.weight",
+            "transformer.layers.0.attention.query.weight",
+            f"transformer.layers.{last // 2}.mlp.dense_h_to_4h.weight",
+            f"transformer.layers.{last}.attention.dense.weight",
+            f"transformer.layers.{last}.input_layernorm.bias",
+            "transformer.topQueryLayer.attention.value.weight",
+            "transformer.topQueryLayer.mlp.dense_4h_to_h.weight",
+            "transformer.final_layernorm.weight"]
+  names = {t for t, _, _ in table.rows(config)}
+  return [n for n in wanted if n in names]
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+  return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def verify_torch_to_jax(source: torch_io.TorchSource, stage: pathlib.Path,
+                        config: CodeGeeXConfig) -> str:
+  """Small models: same logits from the reference (fed the source weights rounded to the stored
+  dtype) and from the written checkpoint. Large: a sample of tensors compared bit for bit."""
+  stored_dtype = np.dtype(as_dtype(config.param_dtype))
+  if config.num_params() <= VERIFY_LOGITS_MAX_PARAMS:
+    flat = {name: _source_tensor(source, name, config,
+                                 lambda a: a.astype(stored_dtype).astype(np.float32))
+            for name, _, _ in table.rows(config)}
+    _, params = checkpoints.load_params(stage, scan_layers=config.scan_layers)
+    return _check_logits(_logits_diff(config, flat, params))
+  read = _stored_reader(checkpoints.StoredParams(stage), config)
+  rows = {t: (f, tr) for t, f, tr in table.rows(config)}
+  sample = _sample_rows(config)
+  for name in sample:
+    flax_path, transform = rows[name]
+    want = _to_flax(source, name, transform, config, stored_dtype)
+    if not _bits_equal(read(flax_path).result(), want):
+      raise CheckpointError(f"verify failed: {name} differs from the source after conversion")
+  return f"{len(sample)} sampled tensors are bit-identical to the source"
+
+
+def verify_jax_to_torch(stage: pathlib.Path, read, config: CodeGeeXConfig, produce) -> str:
+  """Reads the written file(s) back; small models: logits of the reference loaded from them with
+  strict=True vs JAX on the source params; large: sampled tensors bit for bit."""
+  written = torch_io.TorchSource(stage)
+  if config.num_params() <= VERIFY_LOGITS_MAX_PARAMS:
+    flat = {name: written.load(name).astype(np.float32) for name in written.shapes}
+    out_dtype = torch_io.numpy_dtype(written.dtype)
+    params: dict = {}
+    for name, flax_path, _ in table.rows(config):
+      # JAX runs on the source params rounded like the written file, so only the conversion is
+      # compared, not the rounding.
+      array = read(flax_path).result().astype(out_dtype).astype(np.float32)
+      table.set_path(params, flax_path, array)
+    return _check_logits(_logits_diff(config.replace(scan_layers=False), flat, params))
+  sample = _sample_rows(config)
+  for name in sample:
+    if not _bits_equal(written.load(name), produce(name)):
+      raise CheckpointError(f"verify failed: {name} differs from the source after conversion")
+  return f"{len(sample)} sampled tensors are bit-identical to the source"
