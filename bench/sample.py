@@ -1,0 +1,220 @@
+"""Sampling throughput: the geex-jax sampler vs a plain PyTorch KV-cache greedy loop.
+
+CPU (the default): for each preset, random weights made by the PyTorch reference and converted
+with the conversion table (the same weights on both sides), greedy decoding of `--new_tokens`
+tokens after a `--prompt_len`-token prompt, end to end (prefill included), at each batch size:
+
+  python bench/sample.py --presets tiny 350m --batch 1 32
+
+  JAX fp32 and JAX int8 (weight-only) tokens/s, and the ratio to PyTorch fp32 measured in the
+  same run (torch.no_grad, `conversion.torch_reference.greedy_generate`).
+
+GPU (`--gpu`): random weights generated ON the device (no host copy), bf16 or int8:
+
+  python bench/sample.py --gpu --preset 13b --dtype bf16 int8 --peak_bw 3.35e12
+
+  batch 1: ms per decoded token (the while loop alone, prefill excluded), and the fraction of
+  the card's memory bandwidth it implies: bytes read per token (every weight once, embeddings
+  included, except the two position tables of which one row is read; plus the KV cache) / time /
+  `--peak_bw` (bytes/s: H100 SXM 3.35e12, H200 4.8e12, A100-80GB 2.04e12). Batch `--gpu_batch`
+  (64): decode tokens/s. Prints Markdown rows for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from geex_jax import model as M  # noqa: E402
+from geex_jax import quantization as Q  # noqa: E402
+from geex_jax import sampling as S  # noqa: E402
+
+
+def _best_of(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def cpu_preset(name: str, batches, prompt_len: int, new_tokens: int, repeats: int) -> list[dict]:
+  import torch
+  from conversion import table
+  from conversion.torch_reference import CodeGeeXTorch, greedy_generate
+
+  torch.manual_seed(0)
+  cfg = M.CodeGeeXConfig.preset(name, scan_layers=False)
+  ref = CodeGeeXTorch(cfg).eval()
+  flat = {k: v.detach().numpy() for k, v in ref.released_state_dict().items()}
+  params = table.released_to_params(flat, cfg)
+  del flat
+  cfg = cfg.replace(scan_layers=True)
+  params = jax.tree.map(jnp.asarray, M.convert_layout(params, cfg, True))
+  qparams = jax.jit(Q.quantize_params)(params)
+  rows = []
+  rng = np.random.RandomState(0)
+  for b in batches:
+    prompt = rng.randint(0, 50000, size=(b, prompt_len))
+    ids = prompt.tolist()
+
+    def jax_run(p):
+      return S.generate_ids(cfg, p, ids, max_new_tokens=new_tokens, eos_id=-1)
+
+    def torch_run():
+      with torch.no_grad():
+        return greedy_generate(ref, torch.from_numpy(prompt), new_tokens)
+
+    jax_run(params), jax_run(qparams)  # compile
+    out = {}
+
+    def keep(key, fn):
+      return lambda: out.__setitem__(key, fn())
+
+    t_jax = _best_of(keep("jax", lambda: jax_run(params)), repeats)
+    t_int8 = _best_of(lambda: jax_run(qparams), repeats)
+    t_torch = _best_of(keep("torch", torch_run), repeats)
+    same = out["jax"].tokens == out["torch"].tolist()
+    n = b * new_tokens
+    rows.append(dict(preset=name, batch=b, prompt=prompt_len, new=new_tokens,
+                     jax_fp32=n / t_jax, jax_int8=n / t_int8, torch_fp32=n / t_torch,
+                     ratio_fp32=t_torch / t_jax, ratio_int8=t_torch / t_int8,
+                     greedy_equal=same))
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+  return rows
+
+
+def weight_bytes_per_token(params) -> int:
+  """Bytes of weights one decode step reads: all but the position tables (one row each)."""
+  total = Q.params_bytes(params)
+  for key in ("position_embeddings", "top_query_embeddings"):
+    total -= Q.params_bytes(params[key])
+  return total
+
+
+def gpu_preset(name: str, dtype: str, peak_bw: float, batch: int, prompt_len: int,
+               new_tokens: int) -> list[dict]:
+  quantize = dtype == "int8"
+  compute = "bfloat16"
+  cfg = M.CodeGeeXConfig.preset(name, dtype=compute, param_dtype=compute)
+
+  @jax.jit
+  def make(key):  # random weights made on the device; the bf16 copy is freed inside the jit
+    p = M.init_params(cfg, key)
+    return Q.quantize_params(p) if quantize else p
+
+  params = jax.block_until_ready(make(jax.random.key(0)))
+  wbytes = weight_bytes_per_token(params)
+  rows = []
+  for b in (1, batch):
+    ids = np.random.RandomState(0).randint(0, 50000, size=(b, prompt_len))
+    prompt, segments = S.pad_prompts(ids.tolist(), new_tokens, cfg.max_position, 0)
+    spec = S.DecodeSpec(config=cfg, num_samples=1, max_new_tokens=new_tokens, greedy=True,
+                        top_k=0, use_top_p=False, eos_id=-1, vocab_limit=cfg.vocab_size,
+                        rule=S.RULE_NONE, quantized=quantize)
+    table = jnp.zeros((1, 1), jnp.int32)
+    args = (jnp.asarray(prompt), jnp.asarray(segments), jnp.arange(b, dtype=jnp.int32), 0,
+            jnp.zeros((b,), jnp.int32), jnp.float32(1.0), jnp.float32(1.0), table)
+
+    def run():
+      t0 = time.perf_counter()
+      cache, carry = jax.block_until_ready(S._start(spec, params, *args))
+      t1 = time.perf_counter()
+      cache, carry = jax.block_until_ready(S._decode_chunk(
+          spec, params, cache, carry, jnp.int32(new_tokens), jnp.zeros((b,), bool),
+          jnp.float32(1.0), jnp.float32(1.0), table))
+      t2 = time.perf_counter()
+      assert int(carry.step) == new_tokens
+      del cache
+      return t1 - t0, t2 - t1
+
+    run()  # compile
+    prefill_s, decode_s = min((run() for _ in range(3)), key=lambda x: x[1])
+    steps = new_tokens - 1                      # the first token comes from the prefill
+    ms_token = decode_s / steps * 1e3
+    cache_len = prompt.shape[1] + new_tokens
+    cache_bytes = 2 * (cfg.num_layers + 1) * b * cache_len * cfg.hidden_size * 2
+    row = dict(preset=name, dtype=dtype, batch=b, prompt=prompt_len, new=new_tokens,
+               prefill_ms=prefill_s * 1e3, ms_per_step=ms_token,
+               tok_s=b * steps / decode_s, weight_gb=wbytes / 1e9,
+               bw_fraction_weights=wbytes / (decode_s / steps) / peak_bw,
+               bw_fraction_with_cache=(wbytes + cache_bytes) / (decode_s / steps) / peak_bw,
+               device=jax.devices()[0].device_kind)
+    rows.append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+  del params
+  return rows
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.machine()
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--presets", nargs="+", default=["tiny", "350m"])
+  ap.add_argument("--batch", nargs="+", type=int, default=[1, 32])
+  ap.add_argument("--prompt_len", type=int, default=64)
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--new_tokens_large", type=int, default=32,
+                  help="new tokens for presets other than tiny (CPU time)")
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--gpu", action="store_true", help="the accelerator section (see above)")
+  ap.add_argument("--preset", default="13b")
+  ap.add_argument("--dtype", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
+  ap.add_argument("--peak_bw", type=float, default=3.35e12, help="card's peak HBM bytes/s")
+  ap.add_argument("--gpu_batch", type=int, default=64)
+  ap.add_argument("--gpu_new_tokens", type=int, default=128)
+  a = ap.parse_args(argv)
+
+  if a.gpu:
+    rows = []
+    for dtype in a.dtype:
+      rows += gpu_preset(a.preset, dtype, a.peak_bw, a.gpu_batch, a.prompt_len,
+                         a.gpu_new_tokens)
+    print(f"\n{rows[0]['device']}, peak {a.peak_bw / 1e12:.2f} TB/s; prompt {a.prompt_len}, "
+          f"{a.gpu_new_tokens} new tokens, random weights\n")
+    print("| preset | dtype | batch | weights GB | ms/token | tokens/s | HBM fraction "
+          "(weights) | (+ KV cache) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['preset']} | {r['dtype']} | {r['batch']} | {r['weight_gb']:.1f} | "
+            f"{r['ms_per_step']:.2f} | {r['tok_s']:.0f} | {r['bw_fraction_weights']:.0%} | "
+            f"{r['bw_fraction_with_cache']:.0%} |")
+    return
+
+  rows = []
+  for name in a.presets:
+    new = a.new_tokens if name == "tiny" else a.new_tokens_large
+    rows += cpu_preset(name, a.batch, a.prompt_len, new, a.repeats)
+  print(f"\n{_cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+        f"torch {__import__('torch').__version__} ({__import__('torch').get_num_threads()} "
+        "threads)\n")
+  print("| preset | batch | prompt + new | JAX fp32 tok/s | JAX int8 tok/s | PyTorch fp32 tok/s "
+        "| fp32 ratio | int8 ratio | greedy equal |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['preset']} | {r['batch']} | {r['prompt']} + {r['new']} | {r['jax_fp32']:.1f} | "
+          f"{r['jax_int8']:.1f} | {r['torch_fp32']:.1f} | {r['ratio_fp32']:.2f}x | "
+          f"{r['ratio_int8']:.2f}x | {r['greedy_equal']} |")
+
+
+if __name__ == "__main__":
+  main()
