@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Deletes the slice. Checkpoints in a GCS MODEL_DIR survive; anything on the hosts' disks does not.
+set -euo pipefail
+source "$(dirname "$0")/config.sh"
+gtpu delete "$TPU_NAME" --quiet
