@@ -11,11 +11,11 @@ case "$(nvidia-smi --query-gpu=name --format=csv,noheader)" in
   *H200*) bw=4.8e12 ;; *H100*) bw=3.35e12 ;; *A100*) bw=2.04e12 ;; *) bw=3.35e12 ;;
 esac
 # Sampling: 13B random weights, bf16 and int8, batch 1 ms/token + HBM fraction, batch 64 tokens/s.
-timeout 300 python3 bench/sample.py --gpu --preset 13b --dtype bf16 int8 --peak_bw $bw \
+timeout 220 python3 bench/sample.py --gpu --preset 13b --dtype bf16 int8 --peak_bw $bw \
   --gpu_new_tokens 64 2>&1 | tee "$out/sample.md"
 # Training step: 1.3b and 2.7b at 2048 tokens, bf16 compute, fp32 master weights, cuDNN attention.
 for preset in 1.3b 2.7b; do
-  timeout 200 python3 bench/train.py --preset $preset --seq_len 2048 --batch 8 --dtype bf16 \
+  timeout 130 python3 bench/train.py --preset $preset --seq_len 2048 --batch 8 --dtype bf16 \
     --attention dot_product --remat full --steps 5 --warmup 2 --json "$out/train.jsonl" 2>&1 \
     | tee -a "$out/train.md"
 done
