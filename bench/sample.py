@@ -103,10 +103,10 @@ def weight_bytes_per_token(params) -> int:
 
 
 def gpu_preset(name: str, dtype: str, peak_bw: float, batch: int, prompt_len: int,
-               new_tokens: int) -> list[dict]:
+               new_tokens: int, scan: bool = False) -> list[dict]:
   quantize = dtype == "int8"
   compute = "bfloat16"
-  cfg = M.CodeGeeXConfig.preset(name, dtype=compute, param_dtype=compute)
+  cfg = M.CodeGeeXConfig.preset(name, dtype=compute, param_dtype=compute, scan_layers=scan)
 
   @jax.jit
   def make(key):  # random weights made on the device; the bf16 copy is freed inside the jit
@@ -144,7 +144,7 @@ def gpu_preset(name: str, dtype: str, peak_bw: float, batch: int, prompt_len: in
     ms_token = decode_s / steps * 1e3
     cache_len = prompt.shape[1] + new_tokens
     cache_bytes = 2 * (cfg.num_layers + 1) * b * cache_len * cfg.hidden_size * 2
-    row = dict(preset=name, dtype=dtype, batch=b, prompt=prompt_len, new=new_tokens,
+    row = dict(preset=name, dtype=dtype, scan=scan, batch=b, prompt=prompt_len, new=new_tokens,
                prefill_ms=prefill_s * 1e3, ms_per_step=ms_token,
                tok_s=b * steps / decode_s, weight_gb=wbytes / 1e9,
                bw_fraction_weights=wbytes / (decode_s / steps) / peak_bw,
@@ -182,20 +182,24 @@ def main(argv=None):
   ap.add_argument("--peak_bw", type=float, default=3.35e12, help="card's peak HBM bytes/s")
   ap.add_argument("--gpu_batch", type=int, default=64)
   ap.add_argument("--gpu_new_tokens", type=int, default=128)
+  ap.add_argument("--scan", nargs="+", default=["false"], choices=["true", "false"],
+                  help="decode with the layers scanned (one stacked while-loop body) or unrolled")
   a = ap.parse_args(argv)
 
   if a.gpu:
     rows = []
-    for dtype in a.dtype:
-      rows += gpu_preset(a.preset, dtype, a.peak_bw, a.gpu_batch, a.prompt_len,
-                         a.gpu_new_tokens)
+    for scan in a.scan:
+      for dtype in a.dtype:
+        rows += gpu_preset(a.preset, dtype, a.peak_bw, a.gpu_batch, a.prompt_len,
+                           a.gpu_new_tokens, scan=scan == "true")
     print(f"\n{rows[0]['device']}, peak {a.peak_bw / 1e12:.2f} TB/s; prompt {a.prompt_len}, "
           f"{a.gpu_new_tokens} new tokens, random weights\n")
-    print("| preset | dtype | batch | weights GB | ms/token | tokens/s | HBM fraction "
+    print("| preset | dtype | layers | batch | weights GB | ms/token | tokens/s | HBM fraction "
           "(weights) | (+ KV cache) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-      print(f"| {r['preset']} | {r['dtype']} | {r['batch']} | {r['weight_gb']:.1f} | "
+      layers = "scanned" if r["scan"] else "unrolled"
+      print(f"| {r['preset']} | {r['dtype']} | {layers} | {r['batch']} | {r['weight_gb']:.1f} | "
             f"{r['ms_per_step']:.2f} | {r['tok_s']:.0f} | {r['bw_fraction_weights']:.0%} | "
             f"{r['bw_fraction_with_cache']:.0%} |")
     return
