@@ -10,7 +10,7 @@ EXPECTED_FAILURES = {"js": {"JavaScript/112", "JavaScript/155"}}
 def test_known_bad_table_names_real_tasks(humaneval_dir):
   if not humaneval_dir.is_dir():
     pytest.skip(f"HumanEval-X not found at {humaneval_dir}")
-  for task_id, reason in evaluate.KNOWN_BAD.items():
+  for task_id, reason in {**evaluate.KNOWN_BAD, **evaluate.NONDETERMINISTIC}.items():
     key = problems.task_language(task_id)
     assert task_id in problems.load_language(humaneval_dir, key) and reason
 
@@ -22,7 +22,9 @@ def test_every_canonical_solution(humaneval_dir, tmp_path):
   ex = Executor(cache_dir=tmp_path)     # a cold verdict cache: everything really runs
   testing.require(ex, ["python", "cpp", "java", "js", "go", "rust"])
   results = evaluate.selftest(humaneval_dir, ex, progress=False)
-  got = {r.language: (r.passed, r.total, set(r.failures)) for r in results}
+  # A nondeterministic canonical solution (Go/95) may fail; nothing else may.
+  got = {r.language: (r.passed + len(set(r.failures) & set(evaluate.NONDETERMINISTIC)), r.total,
+                      set(r.failures) - set(evaluate.NONDETERMINISTIC)) for r in results}
   for key in ("python", "cpp", "java", "js", "go", "rust"):
     bad = EXPECTED_FAILURES.get(key, set())
     assert got[key] == (164 - len(bad), 164, bad), (key, {t: v for t, v in

@@ -67,7 +67,12 @@ def cmd_selftest(args) -> int:
       continue
     print(f"{name:<11} {r.passed}/{r.total} passed")
     for tid, verdict in r.failures.items():
-      why = f"known bad: {evaluate.KNOWN_BAD[tid]}" if tid in evaluate.KNOWN_BAD else "UNEXPECTED"
+      if tid in evaluate.KNOWN_BAD:
+        why = f"known bad: {evaluate.KNOWN_BAD[tid]}"
+      elif tid in evaluate.NONDETERMINISTIC:
+        why = f"nondeterministic: {evaluate.NONDETERMINISTIC[tid]}"
+      else:
+        why = "UNEXPECTED"
       print(f"    {tid}: {verdict} ({why})")
     for tid in r.unexpectedly_passing:
       print(f"    {tid}: passed, but listed as known bad")

@@ -33,6 +33,12 @@ KNOWN_BAD: dict[str, str] = {
     "JavaScript/155": "canonical solution fails its own test (the data is wrong)",
 }
 
+# Canonical solutions whose verdict depends on chance; the self-test accepts either verdict.
+NONDETERMINISTIC: dict[str, str] = {
+    "Go/95": ("canonical solution stops after the first two map keys and Go randomises map "
+              "iteration order, so the {'p', 'A', 'B'} case passes or fails by chance"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
@@ -239,8 +245,9 @@ class SelfTestResult:
 
   @property
   def unexpected(self) -> dict[str, str]:
-    """Failures that are not in KNOWN_BAD."""
-    return {t: v for t, v in self.failures.items() if t not in KNOWN_BAD}
+    """Failures that are not in KNOWN_BAD (nor NONDETERMINISTIC)."""
+    return {t: v for t, v in self.failures.items()
+            if t not in KNOWN_BAD and t not in NONDETERMINISTIC}
 
   @property
   def unexpectedly_passing(self) -> list[str]:
