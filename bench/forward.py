@@ -45,22 +45,26 @@ def bench_preset(name: str, dtype: str, batch: int, seq_len: int, iters: int) ->
     rows.append(dict(preset=name, what=f"forward ({attention} attention)", batch=batch,
                      seq=seq_len, ms=sec * 1e3, tok_s=batch * seq_len / sec))
 
-  model = M.CodeGeeX(cfg)
   prefill_len = seq_len // 2
-  cache = M.init_cache(cfg, batch, seq_len)
-  prefill = jax.jit(lambda p, c, t: model.apply({"params": p, "cache": c}, t, decode=True,
-                                                only_last=True, mutable=["cache"]))
-  _, state = prefill(params, cache, tokens[:, :prefill_len])
-
-  @jax.jit
-  def step(p, c, t):
-    logits, new = model.apply({"params": p, "cache": c}, t, decode=True, mutable=["cache"])
-    return logits, new["cache"]
-
   one = tokens[:, prefill_len:prefill_len + 1]
-  sec = timed(step, params, state["cache"], one, iters=iters)
-  rows.append(dict(preset=name, what="decode step (KV cache)", batch=batch, seq=prefill_len,
-                   ms=sec * 1e3, tok_s=batch / sec))
+  for scan in (True, False):  # the sampler decodes unrolled: compare against the scanned stack
+    dcfg = cfg.replace(scan_layers=scan)
+    dparams = M.convert_layout(params, dcfg, scan)
+    model = M.CodeGeeX(dcfg)
+    cache = M.init_cache(dcfg, batch, seq_len)
+    prefill = jax.jit(lambda p, c, t, model=model: model.apply(
+        {"params": p, "cache": c}, t, decode=True, only_last=True, mutable=["cache"]))
+    _, state = prefill(dparams, cache, tokens[:, :prefill_len])
+
+    @jax.jit
+    def step(p, c, t, model=model):
+      logits, new = model.apply({"params": p, "cache": c}, t, decode=True, mutable=["cache"])
+      return logits, new["cache"]
+
+    sec = timed(step, dparams, state["cache"], one, iters=iters)
+    layers = "scanned" if scan else "unrolled"
+    rows.append(dict(preset=name, what=f"decode step (KV cache, {layers} layers)", batch=batch,
+                     seq=prefill_len, ms=sec * 1e3, tok_s=batch / sec))
   return rows
 
 
