@@ -131,6 +131,12 @@ def _check_args(a) -> None:
     raise InputError(f"checkpoint not found: {a.checkpoint}")
   if a.tokenizer != "bytes" and not os.path.isdir(a.tokenizer):
     raise InputError(f"tokenizer directory not found: {a.tokenizer}")
+  if a.output:  # fail before sampling, not after it
+    parent = os.path.dirname(os.path.abspath(a.output))
+    if not os.path.isdir(parent):
+      raise InputError(f"output directory does not exist: {parent}")
+    if os.path.isdir(a.output):
+      raise InputError(f"--output is a directory: {a.output}")
 
 
 def run(argv=None) -> int:
@@ -180,7 +186,8 @@ def run(argv=None) -> int:
   new_tokens = sum(len(c.tokens) for row in results for c in row)
 
   if a.output:
-    with open(a.output, "w", encoding="utf-8") as f:
+    tmp = a.output + ".tmp"  # renamed into place when complete: no half-written output
+    with open(tmp, "w", encoding="utf-8") as f:
       for i, (task, row) in enumerate(zip(tasks, results)):
         for j, c in enumerate(row):
           rec = {"task_id": task["task_id"], "prompt_index": i, "sample_index": j,
@@ -189,6 +196,7 @@ def run(argv=None) -> int:
           if c.score is not None:
             rec["score"] = c.score
           f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, a.output)
   elif not stream:
     texts = [c.text for row in results for c in row]
     sys.stdout.write(f"\n{SEPARATOR}\n".join(texts))

@@ -91,6 +91,20 @@ def peak_flops(device: jax.Device, override: Optional[float] = None) -> Optional
   return None
 
 
+def _check_token_range(batch: dict, vocab_size: int) -> None:
+  """Out-of-range ids would be gathered silently (clamped) by the embedding: refuse them.
+
+  Catches a tokenizer whose vocabulary is larger than the model's (e.g. the real tokenizer with
+  the demo's 512-row table). A host-side max over one batch costs microseconds.
+  """
+  top = int(np.max(batch["decoder_input_tokens"], initial=0))
+  top = max(top, int(np.max(batch["decoder_target_tokens"], initial=0)))
+  if top >= vocab_size:
+    raise ConfigError(f"the data has token id {top} but the model's vocabulary has {vocab_size} "
+                      "rows: use a tokenizer that fits, or set VOCAB_SIZE (52224 for the "
+                      "CodeGeeX tokenizer)")
+
+
 # ---------------------------------------------------------------------------------------------
 # The step.
 
@@ -582,6 +596,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
           reporter.message(f"{PROG}: the data ran out at step {step}")
           break
         data_state = source.get_state()
+        _check_token_range(local, config.vocab_size)
         batch = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v),
                                                            (batch_size, sequence_length))
                  for k, v in local.items()}

@@ -336,6 +336,7 @@ def test_cli_prompt_tasks_and_output(checkpoint, tmp_path, capsys):
                     "--max_new_tokens", "6", "--output", str(result))
   assert code == 0
   recs = [json.loads(l) for l in result.read_text().splitlines()]
+  assert not (tmp_path / "out.jsonl.tmp").exists()
   assert [(r["task_id"], r["sample_index"]) for r in recs] == [
       ("Python/0", 0), ("Python/0", 1), ("Python/1", 0), ("Python/1", 1)]
   assert recs[0]["language"] == "Python" and recs[0]["finish_reason"] in S.FINISH_REASONS
@@ -364,6 +365,7 @@ def test_read_tasks_infers_the_language(tmp_path):
     (["--max_new_tokens", "0"], "max_new_tokens"),
     (["--language", "klingon"], "unknown language"),
     (["--prompt_file", "/nonexistent/p.txt"], "cannot read"),
+    (["--output", "/nonexistent/dir/out.jsonl"], "output directory does not exist"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(checkpoint, capsys, args, message):
   base = ["--checkpoint", str(checkpoint), "--tokenizer", "bytes"]

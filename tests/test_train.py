@@ -17,6 +17,7 @@ import pytest
 
 from geex_jax import batches, checkpoints, train
 from geex_jax.model import CodeGeeXConfig, convert_layout, init_params
+from geex_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = CodeGeeXConfig.preset("tiny", vocab_size=128, max_position=32)
@@ -226,3 +227,12 @@ def test_two_processes_match_one(tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single.state.params)):
     # Near-zero weights (biases) differ by float noise that Adam rescales: absolute tolerance.
     np.testing.assert_allclose(a, np.asarray(b), rtol=1e-3, atol=5e-5)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused():
+  """A tokenizer larger than the model's table (e.g. the real BPE with the demo's 512 rows)."""
+  ok = {"decoder_input_tokens": np.array([[0, 511]]), "decoder_target_tokens": np.array([[511, 3]])}
+  train._check_token_range(ok, 512)
+  bad = {"decoder_input_tokens": np.array([[0, 5]]), "decoder_target_tokens": np.array([[50256, 3]])}
+  with pytest.raises(ConfigError, match="token id 50256 .* 512 rows"):
+    train._check_token_range(bad, 512)
