@@ -13,7 +13,6 @@ object per completion: task_id, prompt_index, sample_index, completion, finish_r
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import sys
@@ -80,30 +79,19 @@ def _read_text(path: str) -> str:
 def read_tasks(path: str, language: Optional[str]) -> list[dict]:
   """Tasks of a JSONL file: dicts with prompt, task_id, language (from the line, --language, or
   the task id's prefix such as 'CPP/3')."""
-  from geex_jax import languages
-  opener = gzip.open if path.endswith(".gz") else open
+  from geex_jax import fileio, languages
   tasks = []
-  try:
-    with opener(path, "rt", encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except ValueError as e:
-          raise InputError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-          raise InputError(f"{path}:{n}: expected an object with a string 'prompt'")
-        task_id = str(obj.get("task_id", len(tasks)))
-        lang = obj.get("language") or language
-        if lang is None and "/" in task_id:
-          try:
-            lang = languages.get(task_id.split("/", 1)[0]).name
-          except languages.UnknownLanguageError:
-            lang = None
-        tasks.append({"task_id": task_id, "prompt": obj["prompt"], "language": lang})
-  except OSError as e:
-    raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+  for n, obj in fileio.iter_jsonl(path):
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+      raise InputError(f"{path}:{n}: expected an object with a string 'prompt'")
+    task_id = str(obj.get("task_id", len(tasks)))
+    lang = obj.get("language") or language
+    if lang is None and "/" in task_id:
+      try:
+        lang = languages.get(task_id.split("/", 1)[0]).name
+      except languages.UnknownLanguageError:
+        lang = None
+    tasks.append({"task_id": task_id, "prompt": obj["prompt"], "language": lang})
   if not tasks:
     raise InputError(f"{path} holds no tasks")
   return tasks

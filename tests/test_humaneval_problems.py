@@ -82,7 +82,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
           "test": "t"}
   with gzip.open(tmp_path / "humaneval_python.jsonl.gz", "wt") as f:
     f.write(json.dumps(good) + "\n{not json\n")
-  with pytest.raises(InputError, match=r"humaneval_python.jsonl.gz:2: malformed"):
+  with pytest.raises(InputError, match=r"humaneval_python.jsonl.gz:2: not JSON"):
     problems.load_language(tmp_path, "python")
   (tmp_path / "humaneval_python.jsonl.gz").unlink()
   (tmp_path / "humaneval_python.jsonl").write_text(json.dumps({"task_id": "Python/0"}) + "\n")

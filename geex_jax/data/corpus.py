@@ -19,6 +19,7 @@ import sys
 import sysconfig
 from typing import Iterable, Optional, Sequence
 
+from geex_jax import fileio
 from geex_jax import languages as langs
 from geex_jax.data import filters as F
 from geex_jax.data.records import write_records
@@ -33,12 +34,7 @@ _SKIP_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", "node_modules", "s
 
 
 def _atomic_write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fileio.write_atomic(path, json.dumps(obj, indent=1, sort_keys=True), fsync=True)
 
 
 def walk_sources(sources: Sequence[str]) -> Iterable[str]:

@@ -18,10 +18,10 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 from typing import Iterable, Optional, Sequence, Union
 
 from geex_jax.errors import InputError
+from geex_jax.fileio import write_atomic  # noqa: F401  (also used by report.py)
 from geex_jax.humaneval_x import assembly, metrics
 from geex_jax.humaneval_x import problems as problems_lib
 from geex_jax.humaneval_x.executor import SKIPPED, Executor, Verdict
@@ -193,21 +193,6 @@ def summarize(records: list[dict]) -> dict:
   if trans:
     summary["pairs"] = _stats(trans, lambda r: f"{r['source_language']}->{r['language']}")
   return summary
-
-
-def write_atomic(path: Union[str, os.PathLike], text: str) -> None:
-  """Writes a whole file or nothing: a temp file in the same directory, then rename."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def jsonl(records: Iterable[dict]) -> str:

@@ -6,12 +6,10 @@ rust; 164 problems each, task ids `Python/0`, `CPP/0`, `Java/0`, `JavaScript/0`,
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import pathlib
 from typing import Iterable, Optional, Union
 
-from geex_jax import languages
+from geex_jax import fileio, languages
 from geex_jax.errors import InputError
 from geex_jax.languages import Language
 
@@ -79,27 +77,19 @@ def load_language(data_dir: Union[str, pathlib.Path], language: Union[str, Langu
   """Loads one language's problems: {task_id: Problem}, in file order."""
   key = language_of(language).humaneval
   path = data_file(data_dir, key)
-  opener = gzip.open if path.suffix == ".gz" else open
   out: dict[str, Problem] = {}
-  try:
-    with opener(path, "rt", encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-          problem = Problem(
-              task_id=row["task_id"], language=key, prompt=row["prompt"],
-              declaration=row["declaration"], canonical_solution=row["canonical_solution"],
-              test=row["test"], example_test=row.get("example_test") or "",
-              extra=tuple(sorted((k, v) for k, v in row.items()
-                                 if k not in _CORE and isinstance(v, str))))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise InputError(
-              f"{path}:{lineno}: malformed problem ({type(e).__name__}: {e})") from None
-        out[problem.task_id] = problem
-  except (OSError, EOFError, UnicodeDecodeError) as e:
-    raise InputError(f"cannot read {path}: {e}") from None
+  for lineno, row in fileio.iter_jsonl(path):
+    try:
+      problem = Problem(
+          task_id=row["task_id"], language=key, prompt=row["prompt"],
+          declaration=row["declaration"], canonical_solution=row["canonical_solution"],
+          test=row["test"], example_test=row.get("example_test") or "",
+          extra=tuple(sorted((k, v) for k, v in row.items()
+                             if k not in _CORE and isinstance(v, str))))
+    except (KeyError, TypeError, AttributeError) as e:
+      raise InputError(
+          f"{path}:{lineno}: malformed problem ({type(e).__name__}: {e})") from None
+    out[problem.task_id] = problem
   if not out:
     raise InputError(f"{path} holds no problems")
   return out
