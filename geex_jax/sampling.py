@@ -727,6 +727,12 @@ class Sampler:
     if tokenizer.vocab_size > config.vocab_size:
       raise InputError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                        f"{config.vocab_size}; wrong --tokenizer for this checkpoint?")
+    if config.scan_layers:
+      # Decode with the layers unrolled: with a scanned stack XLA slices every layer's weights
+      # out of the stacked arrays each step; unrolled, 13B bf16 batch-1 decode on an H200 went
+      # from 19.8 to 7.4 ms/token (BENCHMARKS.md, Sampling).
+      params = M.convert_layout(params, config, False)
+      config = config.replace(scan_layers=False)
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
@@ -747,9 +753,7 @@ class Sampler:
       compute = M.as_dtype(dtype)
     except ValueError as e:
       raise InputError(str(e)) from None
-    # Decode with the layers unrolled: a scanned layer stack makes XLA slice every layer's
-    # weights out of the stacked arrays each step; unrolled, 13B bf16 batch-1 decode on an H200
-    # went from 19.8 to 7.4 ms/token (BENCHMARKS.md, Sampling).
+    # Restored unrolled directly (see __init__): no stacking then unstacking.
     config, params = checkpoints.load_params(checkpoint, dtype=compute, scan_layers=False)
     config = config.replace(dtype=compute.name, param_dtype=compute.name, dropout_rate=0.0,
                             remat_policy="none")
