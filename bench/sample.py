@@ -13,11 +13,18 @@ GPU (`--gpu`): random weights generated ON the device (no host copy), bf16 or in
 
   python bench/sample.py --gpu --preset 13b --dtype bf16 int8 --peak_bw 3.35e12
 
+  python bench/sample.py --gpu --dtype bf16 int8 --matmul xla pallas \\
+      --tilings tilings.json --trace /tmp/traces
+
   batch 1: ms per decoded token (the while loop alone, prefill excluded), and the fraction of
   the card's memory bandwidth it implies: bytes read per token (every weight once, embeddings
   included, except the two position tables of which one row is read; plus the KV cache) / time /
   `--peak_bw` (bytes/s: H100 SXM 3.35e12, H200 4.8e12, A100-80GB 2.04e12). Batch `--gpu_batch`
-  (64): decode tokens/s. Prints Markdown rows for BENCHMARKS.md.
+  (64): decode tokens/s. Rows per `--matmul` implementation of the blocks' linears (XLA, or the
+  Pallas kernel; its tilings from `bench/decode_matmul.py --out`, `--tilings`; the kernel on bf16
+  weights at batch 1 only); `--xla_options` adds bf16 batch-1 rows compiled
+  with extra XLA options; `--trace` writes a profile (perfetto) of each batch-1 decode. Prints
+  Markdown rows for BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -102,8 +109,19 @@ def weight_bytes_per_token(params) -> int:
   return total
 
 
-def gpu_preset(name: str, dtype: str, peak_bw: float, batch: int, prompt_len: int,
-               new_tokens: int, scan: bool = False) -> list[dict]:
+def _decode_fn(spec, params, cache, carry, args, options):
+  """S._decode_chunk, compiled with extra XLA options when given (same process, same weights)."""
+  if not options:
+    return lambda *xs: S._decode_chunk(spec, *xs)
+  return S._decode_chunk.lower(spec, params, cache, carry, *args).compile(
+      compiler_options=options)
+
+
+def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int,
+                 new_tokens: int, scan: bool = False, impls=("auto",), option_sets=(),
+                 trace_dir=None) -> list[dict]:
+  """Rows for one weight set: every matmul implementation at every batch size (bf16: the kernel
+  at batch 1 only). option_sets: (label, {xla option: value}) extra bf16 batch-1 variants."""
   quantize = dtype == "int8"
   compute = "bfloat16"
   cfg = M.CodeGeeXConfig.preset(name, dtype=compute, param_dtype=compute, scan_layers=scan)
@@ -115,45 +133,83 @@ def gpu_preset(name: str, dtype: str, peak_bw: float, batch: int, prompt_len: in
 
   params = jax.block_until_ready(make(jax.random.key(0)))
   wbytes = weight_bytes_per_token(params)
+  # bf16 "auto" is XLA unless --tilings lists the kernel for bf16 shapes: time it once.
+  impls = [i for i in impls if quantize or not (i == "auto" and "xla" in impls)]
+  variants = [(impl, {}, batches if quantize or impl == "xla" else batches[:1]) for impl in impls]
+  if not quantize:
+    variants += [(label, opts, (1,)) for label, opts in option_sets]
   rows = []
-  for b in (1, batch):
-    ids = np.random.RandomState(0).randint(0, 50000, size=(b, prompt_len))
-    prompt, segments = S.pad_prompts(ids.tolist(), new_tokens, cfg.max_position, 0)
-    spec = S.DecodeSpec(config=cfg, num_samples=1, max_new_tokens=new_tokens, greedy=True,
-                        top_k=0, use_top_p=False, eos_id=-1, vocab_limit=cfg.vocab_size,
-                        rule=S.RULE_NONE, quantized=quantize)
-    table = jnp.zeros((1, 1), jnp.int32)
-    args = (jnp.asarray(prompt), jnp.asarray(segments), jnp.arange(b, dtype=jnp.int32), 0,
-            jnp.zeros((b,), jnp.int32), jnp.float32(1.0), jnp.float32(1.0), table)
+  for impl, options, bs in variants:
+    for b in bs:
+      t_start = time.perf_counter()
+      ids = np.random.RandomState(0).randint(0, 50000, size=(b, prompt_len))
+      prompt, segments = S.pad_prompts(ids.tolist(), new_tokens, cfg.max_position, 0)
+      spec = S.DecodeSpec(config=cfg, num_samples=1, max_new_tokens=new_tokens, greedy=True,
+                          top_k=0, use_top_p=False, eos_id=-1, vocab_limit=cfg.vocab_size,
+                          rule=S.RULE_NONE, quantized=quantize,
+                          matmul=impl if not options else "xla")
+      table = jnp.zeros((1, 1), jnp.int32)
+      args = (jnp.asarray(prompt), jnp.asarray(segments), jnp.arange(b, dtype=jnp.int32), 0,
+              jnp.zeros((b,), jnp.int32), jnp.float32(1.0), jnp.float32(1.0), table)
+      rest = (jnp.int32(new_tokens), jnp.zeros((b,), bool), jnp.float32(1.0), jnp.float32(1.0),
+              table)
+      try:
+        cache, carry = S._start(spec, params, *args)
+        decode = _decode_fn(spec, params, cache, carry, rest, options)
+        del cache, carry
+      except Exception as e:  # noqa: BLE001 - report the variant and go on with the others
+        print(f"{dtype} {impl} batch {b}: FAILED {type(e).__name__}: {str(e)[:400]}",
+              file=sys.stderr, flush=True)
+        continue
 
-    def run():
-      t0 = time.perf_counter()
-      cache, carry = jax.block_until_ready(S._start(spec, params, *args))
-      t1 = time.perf_counter()
-      cache, carry = jax.block_until_ready(S._decode_chunk(
-          spec, params, cache, carry, jnp.int32(new_tokens), jnp.zeros((b,), bool),
-          jnp.float32(1.0), jnp.float32(1.0), table))
-      t2 = time.perf_counter()
-      assert int(carry.step) == new_tokens
-      del cache
-      return t1 - t0, t2 - t1
+      def run():
+        t0 = time.perf_counter()
+        cache, carry = jax.block_until_ready(S._start(spec, params, *args))
+        t1 = time.perf_counter()
+        cache, carry = jax.block_until_ready(decode(params, cache, carry, *rest))
+        t2 = time.perf_counter()
+        assert int(carry.step) == new_tokens
+        del cache
+        return t1 - t0, t2 - t1, carry.tokens
 
-    run()  # compile
-    prefill_s, decode_s = min((run() for _ in range(3)), key=lambda x: x[1])
-    steps = new_tokens - 1                      # the first token comes from the prefill
-    ms_token = decode_s / steps * 1e3
-    cache_len = prompt.shape[1] + new_tokens
-    cache_bytes = 2 * (cfg.num_layers + 1) * b * cache_len * cfg.hidden_size * 2
-    row = dict(preset=name, dtype=dtype, scan=scan, batch=b, prompt=prompt_len, new=new_tokens,
-               prefill_ms=prefill_s * 1e3, ms_per_step=ms_token,
-               tok_s=b * steps / decode_s, weight_gb=wbytes / 1e9,
-               bw_fraction_weights=wbytes / (decode_s / steps) / peak_bw,
-               bw_fraction_with_cache=(wbytes + cache_bytes) / (decode_s / steps) / peak_bw,
-               device=jax.devices()[0].device_kind)
-    rows.append(row)
-    print(json.dumps(row), file=sys.stderr, flush=True)
+      _, _, first = run()  # compile
+      compile_s = time.perf_counter() - t_start
+      timed = [run() for _ in range(3)]
+      prefill_s, decode_s, tokens = min(timed, key=lambda x: x[1])
+      if trace_dir is not None and b == 1 and not options:
+        label = f"{dtype}_{impl}"
+        try:
+          with jax.profiler.trace(f"{trace_dir}/{label}", create_perfetto_trace=True):
+            run()
+        except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timings
+          print(f"trace {label}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+      steps = new_tokens - 1                      # the first token comes from the prefill
+      cache_len = prompt.shape[1] + new_tokens
+      cache_bytes = 2 * (cfg.num_layers + 1) * b * cache_len * cfg.hidden_size * 2
+      row = dict(preset=name, dtype=dtype, impl=impl, options=options, scan=scan, batch=b,
+                 prompt=prompt_len, new=new_tokens, compile_s=compile_s,
+                 prefill_ms=prefill_s * 1e3, ms_per_step=decode_s / steps * 1e3,
+                 tok_s=b * steps / decode_s, weight_gb=wbytes / 1e9,
+                 bw_fraction_weights=wbytes / (decode_s / steps) / peak_bw,
+                 bw_fraction_with_cache=(wbytes + cache_bytes) / (decode_s / steps) / peak_bw,
+                 tokens_head=np.asarray(tokens)[0, :8].tolist(),
+                 device=jax.devices()[0].device_kind)
+      rows.append(row)
+      print(json.dumps(row), file=sys.stderr, flush=True)
   del params
   return rows
+
+
+def _option_value(text: str):
+  """An XLA option's value from the command line: bool, int, float or string."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
 
 
 def _cpu_name() -> str:
@@ -184,24 +240,39 @@ def main(argv=None):
   ap.add_argument("--gpu_new_tokens", type=int, default=128)
   ap.add_argument("--scan", nargs="+", default=["false"], choices=["true", "false"],
                   help="decode with the layers scanned (one stacked while-loop body) or unrolled")
+  ap.add_argument("--matmul", nargs="+", default=["auto"], choices=["auto", "xla", "pallas"],
+                  help="implementations of the blocks' linears to time (geex_jax/decode_matmul.py)")
+  ap.add_argument("--tilings", help="kernel tilings measured by bench/decode_matmul.py --out")
+  ap.add_argument("--xla_options", nargs="*", default=[],
+                  help="extra bf16 batch-1 variants, each KEY=VALUE[;KEY=VALUE] XLA options")
+  ap.add_argument("--trace", help="write a perfetto trace of each batch-1 decode under this dir")
   a = ap.parse_args(argv)
 
   if a.gpu:
+    if a.tilings:
+      sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+      import decode_matmul as kernel_bench
+      kernel_bench.load_tilings(a.tilings)
+    option_sets = []
+    for text in a.xla_options:
+      option_sets.append((text, {k: _option_value(v) for k, v in
+                                 (kv.split("=", 1) for kv in text.split(";"))}))
     rows = []
     for scan in a.scan:
       for dtype in a.dtype:
-        rows += gpu_preset(a.preset, dtype, a.peak_bw, a.gpu_batch, a.prompt_len,
-                           a.gpu_new_tokens, scan=scan == "true")
+        rows += gpu_variants(a.preset, dtype, a.peak_bw, (1, a.gpu_batch), a.prompt_len,
+                             a.gpu_new_tokens, scan=scan == "true", impls=a.matmul,
+                             option_sets=option_sets, trace_dir=a.trace)
     print(f"\n{rows[0]['device']}, peak {a.peak_bw / 1e12:.2f} TB/s; prompt {a.prompt_len}, "
           f"{a.gpu_new_tokens} new tokens, random weights\n")
-    print("| preset | dtype | layers | batch | weights GB | ms/token | tokens/s | HBM fraction "
-          "(weights) | (+ KV cache) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| preset | dtype | matmul / XLA options | layers | batch | weights GB | ms/token | "
+          "tokens/s | HBM fraction (weights) | (+ KV cache) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
       layers = "scanned" if r["scan"] else "unrolled"
-      print(f"| {r['preset']} | {r['dtype']} | {layers} | {r['batch']} | {r['weight_gb']:.1f} | "
-            f"{r['ms_per_step']:.2f} | {r['tok_s']:.0f} | {r['bw_fraction_weights']:.0%} | "
-            f"{r['bw_fraction_with_cache']:.0%} |")
+      print(f"| {r['preset']} | {r['dtype']} | {r['impl']} | {layers} | {r['batch']} | "
+            f"{r['weight_gb']:.1f} | {r['ms_per_step']:.2f} | {r['tok_s']:.0f} | "
+            f"{r['bw_fraction_weights']:.0%} | {r['bw_fraction_with_cache']:.0%} |")
     return
 
   rows = []

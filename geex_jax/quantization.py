@@ -7,10 +7,9 @@ query layer. Embeddings, LayerNorms and biases keep their dtype (W8A16 compute).
 
 A quantized linear stores `kernel_q` (int8, the kernel's shape) and `scale` (fp32, the kernel's
 output axes) in place of `kernel`. The model code is unchanged: `quantized_apply` runs
-`CodeGeeX.apply` under an `nn.intercept_methods` interceptor that computes such a Dense /
-DenseGeneral as `(x @ Wq.astype(dtype)) * scale + bias`; scaling after the contraction is exact
-(the scale is constant along the contracted axes) and lets XLA fuse the int8 -> dtype convert into
-the matmul, so only the int8 bytes are read from memory.
+`CodeGeeX.apply` under decode_matmul's interceptor, which computes such a Dense / DenseGeneral as
+`(x @ Wq) * scale + bias` (exact: the scale is constant along the contracted axes): XLA's dot on
+a widened Wq, or on a GPU at decode shapes a Pallas kernel that streams the int8 bytes once.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from geex_jax import decode_matmul
 from geex_jax import model as M
 
 # Linear modules that get quantized (paths inside one block) and how many leading kernel axes
@@ -107,34 +107,13 @@ def quantized_logical_specs(config: M.CodeGeeXConfig) -> Any:
   return out
 
 
-def _int8_dense(next_fun, args, kwargs, context):
-  """Interceptor: a Dense/DenseGeneral whose params hold `kernel_q` computes with int8 weights."""
-  module = context.module
-  if (context.method_name != "__call__"
-      or not isinstance(module, (nn.Dense, nn.DenseGeneral))
-      or not module.has_variable("params", "kernel_q")):
-    return next_fun(*args, **kwargs)
-  (x,) = args
-  kernel_q = module.get_variable("params", "kernel_q")
-  scale = module.get_variable("params", "scale")
-  bias = module.get_variable("params", "bias")
-  dtype = module.dtype or x.dtype
-  nc = kernel_q.ndim - scale.ndim
-  x = x.astype(dtype)
-  contract = (tuple(range(x.ndim - nc, x.ndim)), tuple(range(nc)))
-  # The convert sits right before the dot so XLA fuses it into the matmul (int8 read from HBM);
-  # accumulate in fp32 and apply the per-channel scale to the fp32 result.
-  y = jax.lax.dot_general(x, kernel_q.astype(dtype), (contract, ((), ())),
-                          preferred_element_type=jnp.float32)
-  y = y * scale.astype(jnp.float32)
-  if bias is not None:
-    y = y + bias.astype(jnp.float32)
-  return y.astype(dtype)
+def quantized_apply(model: nn.Module, variables: Any, *args, matmul_impl: str = "auto",
+                    **kwargs):
+  """`model.apply(variables, ...)` that understands quantized linears (a no-op otherwise).
 
-
-def quantized_apply(model: nn.Module, variables: Any, *args, **kwargs):
-  """`model.apply(variables, ...)` that understands quantized linears (a no-op otherwise)."""
-  with nn.intercept_methods(_int8_dense):
+  matmul_impl: how the linears' products run, one of decode_matmul.IMPLEMENTATIONS.
+  """
+  with nn.intercept_methods(decode_matmul.linear_interceptor(matmul_impl)):
     return model.apply(variables, *args, **kwargs)
 
 

@@ -291,6 +291,7 @@ class DecodeSpec:
   vocab_limit: int        # ids >= this are never produced (the tokenizer cannot decode them)
   rule: str
   quantized: bool
+  matmul: str = "auto"        # decode_matmul.IMPLEMENTATIONS: how the blocks' linears multiply
 
 
 class DecodeState(NamedTuple):
@@ -314,7 +315,7 @@ def _apply(spec: DecodeSpec, params, cache, tokens, segment_ids=None):
   model = M.CodeGeeX(spec.config)
   logits, state = quantization.quantized_apply(
       model, {"params": params, "cache": cache}, tokens, segment_ids=segment_ids, decode=True,
-      only_last=True, mutable=["cache"])
+      only_last=True, mutable=["cache"], matmul_impl=spec.matmul)
   logits = logits[:, 0]
   if spec.vocab_limit < logits.shape[-1]:
     logits = jnp.where(jnp.arange(logits.shape[-1]) < spec.vocab_limit, logits, NEG_INF)
@@ -339,7 +340,14 @@ def _choose(spec: DecodeSpec, st: DecodeState, logits: Array, temperature, top_p
                      step=st.step + 1, done=done, reason=reason, rule_state=rule_state)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+# XLA options for the decode programs. Each layer's query, key and value products share their
+# input; with the dot merger's default size limit XLA merged only two of them, and raising the
+# limit took 13B bf16 batch-1 decoding from 7.28 to 7.12 ms/token on an H200 (BENCHMARKS.md).
+# Only XLA:GPU reads it.
+DECODE_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 1024}
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), compiler_options=DECODE_COMPILER_OPTIONS)
 def _start(spec: DecodeSpec, params, prompt, segment_ids, row_ids, seed, rule_init,
            temperature, top_p, rule_table) -> tuple[Any, DecodeState]:
   """Prefill [P, L] prompts once, repeat for n samples, choose every row's first token.
@@ -367,7 +375,8 @@ def _start(spec: DecodeSpec, params, prompt, segment_ids, row_ids, seed, rule_in
   return cache, st
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",),
+                   compiler_options=DECODE_COMPILER_OPTIONS)
 def _decode_chunk(spec: DecodeSpec, params, cache, st: DecodeState, stop_at, host_done,
                   temperature, top_p, rule_table) -> tuple[Any, DecodeState]:
   """Decodes until step == stop_at or every row has ended. host_done: [B] rows the host stopped.
@@ -435,7 +444,8 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
                  row_ids: Optional[Sequence[int]] = None,
                  host_check: Optional[HostCheck] = None,
                  on_chunk: Optional[Callable[[np.ndarray, np.ndarray], None]] = None,
-                 chunk_size: Optional[int] = None, mesh=None) -> Generation:
+                 chunk_size: Optional[int] = None, mesh=None,
+                 matmul: str = "auto") -> Generation:
   """Samples `num_samples` continuations of each prompt (token ids in, token ids out).
 
   prompts: P token lists (ragged). Rows are ordered prompt-major: row r = prompt r // n.
@@ -448,6 +458,8 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
   chunk_size: decode steps per while_loop call; default: all at once unless a host check or
     streaming needs the tokens earlier (then 16).
   mesh: run under this mesh with the logical axis rules (params already sharded).
+  matmul: how the blocks' linears multiply (`decode_matmul.IMPLEMENTATIONS`; "auto": int8
+    weights through the Pallas kernel on a GPU at decode shapes, XLA otherwise).
   """
   validate_sampling(sampling.temperature, sampling.top_k, sampling.top_p,
                     max_new_tokens=max_new_tokens, num_samples=num_samples)
@@ -459,7 +471,8 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
   spec = DecodeSpec(config=config, num_samples=n, max_new_tokens=max_new_tokens,
                     greedy=sampling.is_greedy, top_k=int(sampling.top_k),
                     use_top_p=sampling.top_p < 1.0, eos_id=eos_id, vocab_limit=vocab_limit,
-                    rule=rule.kind, quantized=quantization.is_quantized(params))
+                    rule=rule.kind, quantized=quantization.is_quantized(params),
+                    matmul=matmul)
   at_line_start = [True] * p if at_line_start is None else list(at_line_start)
   rule_init = np.repeat([rule_initial_state(rule.kind, a) for a in at_line_start], n)
   row_ids = np.arange(b) if row_ids is None else np.asarray(row_ids)
@@ -540,7 +553,7 @@ def _length_norm(length: Array, alpha) -> Array:
   return jnp.power(jnp.maximum(length, 1).astype(jnp.float32), alpha)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+@functools.partial(jax.jit, static_argnames=("spec",), compiler_options=DECODE_COMPILER_OPTIONS)
 def _beam_search(spec: BeamSpec, params, prompt, segment_ids, rule_init, alpha, rule_table):
   """Beam search over [P, L] prompts. Returns (tokens [P, W, T], lengths [P, W] tokens of the
   completion (EOS excluded), scores [P, W] penalised, sorted descending, ends [P, W] bool).
