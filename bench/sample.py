@@ -119,9 +119,10 @@ def _decode_fn(spec, params, cache, carry, args, options):
 
 def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int,
                  new_tokens: int, scan: bool = False, impls=("auto",), option_sets=(),
-                 trace_dir=None) -> list[dict]:
+                 trace_dir=None, loop_steps=(1,)) -> list[dict]:
   """Rows for one weight set: every matmul implementation at every batch size (bf16: the kernel
-  at batch 1 only). option_sets: (label, {xla option: value}) extra bf16 batch-1 variants."""
+  at batch 1 only). option_sets: (label, {xla option: value}) extra bf16 batch-1 variants.
+  loop_steps: DecodeSpec.steps_per_loop values; those > 1 add batch-1 rows of the first impl."""
   quantize = dtype == "int8"
   compute = "bfloat16"
   cfg = M.CodeGeeXConfig.preset(name, dtype=compute, param_dtype=compute, scan_layers=scan)
@@ -135,19 +136,21 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
   wbytes = weight_bytes_per_token(params)
   # bf16 "auto" is XLA unless --tilings lists the kernel for bf16 shapes: time it once.
   impls = [i for i in impls if quantize or not (i == "auto" and "xla" in impls)]
-  variants = [(impl, {}, batches if quantize or impl == "xla" else batches[:1]) for impl in impls]
+  variants = [(impl, {}, batches if quantize or impl == "xla" else batches[:1], 1)
+              for impl in impls]
+  variants += [(impls[0], {}, (1,), k) for k in loop_steps if k > 1]
   if not quantize:
-    variants += [(label, opts, (1,)) for label, opts in option_sets]
+    variants += [(label, opts, (1,), 1) for label, opts in option_sets]
   rows = []
-  for impl, options, bs in variants:
+  for impl, options, bs, loop in variants:
     for b in bs:
       t_start = time.perf_counter()
       ids = np.random.RandomState(0).randint(0, 50000, size=(b, prompt_len))
-      prompt, segments = S.pad_prompts(ids.tolist(), new_tokens, cfg.max_position, 0)
+      prompt, segments = S.pad_prompts(ids.tolist(), new_tokens + loop - 1, cfg.max_position, 0)
       spec = S.DecodeSpec(config=cfg, num_samples=1, max_new_tokens=new_tokens, greedy=True,
                           top_k=0, use_top_p=False, eos_id=-1, vocab_limit=cfg.vocab_size,
                           rule=S.RULE_NONE, quantized=quantize,
-                          matmul=impl if not options else "xla")
+                          matmul=impl if not options else "xla", steps_per_loop=loop)
       table = jnp.zeros((1, 1), jnp.int32)
       args = (jnp.asarray(prompt), jnp.asarray(segments), jnp.arange(b, dtype=jnp.int32), 0,
               jnp.zeros((b,), jnp.int32), jnp.float32(1.0), jnp.float32(1.0), table)
@@ -168,7 +171,7 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
         t1 = time.perf_counter()
         cache, carry = jax.block_until_ready(decode(params, cache, carry, *rest))
         t2 = time.perf_counter()
-        assert int(carry.step) == new_tokens
+        assert new_tokens <= int(carry.step) < new_tokens + loop
         del cache
         return t1 - t0, t2 - t1, carry.tokens
 
@@ -176,7 +179,7 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
       compile_s = time.perf_counter() - t_start
       timed = [run() for _ in range(3)]
       prefill_s, decode_s, tokens = min(timed, key=lambda x: x[1])
-      if trace_dir is not None and b == 1 and not options:
+      if trace_dir is not None and b == 1 and not options and loop == 1:
         label = f"{dtype}_{impl}"
         try:
           with jax.profiler.trace(f"{trace_dir}/{label}", create_perfetto_trace=True):
@@ -186,7 +189,8 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
       steps = new_tokens - 1                      # the first token comes from the prefill
       cache_len = prompt.shape[1] + new_tokens
       cache_bytes = 2 * (cfg.num_layers + 1) * b * cache_len * cfg.hidden_size * 2
-      row = dict(preset=name, dtype=dtype, impl=impl, options=options, scan=scan, batch=b,
+      row = dict(preset=name, dtype=dtype, impl=impl if loop == 1 else f"{impl}, {loop} steps/loop",
+                 options=options, scan=scan, batch=b,
                  prompt=prompt_len, new=new_tokens, compile_s=compile_s,
                  prefill_ms=prefill_s * 1e3, ms_per_step=decode_s / steps * 1e3,
                  tok_s=b * steps / decode_s, weight_gb=wbytes / 1e9,
@@ -246,6 +250,8 @@ def main(argv=None):
   ap.add_argument("--xla_options", nargs="*", default=[],
                   help="extra bf16 batch-1 variants, each KEY=VALUE[;KEY=VALUE] XLA options")
   ap.add_argument("--trace", help="write a perfetto trace of each batch-1 decode under this dir")
+  ap.add_argument("--steps_per_loop", type=int, nargs="+", default=[1],
+                  help="decode steps per while iteration; values > 1 add batch-1 rows")
   a = ap.parse_args(argv)
 
   if a.gpu:
@@ -262,7 +268,8 @@ def main(argv=None):
       for dtype in a.dtype:
         rows += gpu_variants(a.preset, dtype, a.peak_bw, (1, a.gpu_batch), a.prompt_len,
                              a.gpu_new_tokens, scan=scan == "true", impls=a.matmul,
-                             option_sets=option_sets, trace_dir=a.trace)
+                             option_sets=option_sets, trace_dir=a.trace,
+                             loop_steps=a.steps_per_loop)
     print(f"\n{rows[0]['device']}, peak {a.peak_bw / 1e12:.2f} TB/s; prompt {a.prompt_len}, "
           f"{a.gpu_new_tokens} new tokens, random weights\n")
     print("| preset | dtype | matmul / XLA options | layers | batch | weights GB | ms/token | "

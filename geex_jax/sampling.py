@@ -292,10 +292,21 @@ class DecodeSpec:
   rule: str
   quantized: bool
   matmul: str = "auto"        # decode_matmul.IMPLEMENTATIONS: how the blocks' linears multiply
+  # Decode steps per while-loop iteration, run as an inner loop of fixed trip count. The loop
+  # predicate goes to the host once per iteration (XLA:GPU) and the host then launches the next
+  # iteration's CUDA graph while the GPU waits; an inner loop of known length lets the host queue
+  # its iterations ahead. A row may then run up to steps_per_loop - 1 steps past max_new_tokens
+  # (it is done by then: pad tokens, never counted): the buffers get that much room.
+  steps_per_loop: int = 1
+
+  @property
+  def room(self) -> int:
+    """Token slots / cache slots after the prompt: max_new_tokens plus the overrun."""
+    return self.max_new_tokens + self.steps_per_loop - 1
 
 
 class DecodeState(NamedTuple):
-  """The loop carry. B rows; T = max_new_tokens."""
+  """The loop carry. B rows; T = spec.room (max_new_tokens + the inner loop's overrun)."""
   cache: Any
   tokens: Array       # [B, T] int32 new tokens (EOS after a row ended)
   lengths: Array      # [B] int32 tokens that belong to the completion (EOS excluded)
@@ -335,7 +346,7 @@ def _choose(spec: DecodeSpec, st: DecodeState, logits: Array, temperature, top_p
   live = ~st.done
   lengths = st.lengths + (live & ~is_eos).astype(jnp.int32)
   reason = jnp.where(live & is_eos, _EOS, jnp.where(live & fired, _RULE, st.reason))
-  done = st.done | is_eos | fired
+  done = st.done | is_eos | fired | (st.step + 1 >= spec.max_new_tokens)
   return st._replace(tokens=st.tokens.at[:, st.step].set(tok), lengths=lengths,
                      step=st.step + 1, done=done, reason=reason, rule_state=rule_state)
 
@@ -358,7 +369,7 @@ def _start(spec: DecodeSpec, params, prompt, segment_ids, row_ids, seed, rule_in
   """
   p, l = prompt.shape
   n = spec.num_samples
-  cache = M.init_cache(spec.config, p, l + spec.max_new_tokens, spec.config.compute_dtype)
+  cache = M.init_cache(spec.config, p, l + spec.room, spec.config.compute_dtype)
   logits, cache = _apply(spec, params, cache, prompt, segment_ids)
   if n > 1:
     cache = M.map_cache_batch(spec.config, cache, lambda x, ax: jnp.repeat(x, n, axis=ax))
@@ -366,7 +377,7 @@ def _start(spec: DecodeSpec, params, prompt, segment_ids, row_ids, seed, rule_in
   b = p * n
   base = jax.random.key(seed)
   st = DecodeState(
-      cache=None, tokens=jnp.full((b, spec.max_new_tokens), max(spec.eos_id, 0), jnp.int32),
+      cache=None, tokens=jnp.full((b, spec.room), max(spec.eos_id, 0), jnp.int32),
       lengths=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32),
       done=jnp.zeros((b,), bool), reason=jnp.full((b,), _LENGTH, jnp.int32),
       rule_state=rule_init, keys=jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids))
@@ -389,10 +400,15 @@ def _decode_chunk(spec: DecodeSpec, params, cache, st: DecodeState, stop_at, hos
   def cond(s):
     return (s.step < stop_at) & ~jnp.all(s.done)
 
-  def body(s):
+  def step(s):
     last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)   # [B, 1]
     logits, new_cache = _apply(spec, params, s.cache, last)
     return _choose(spec, s._replace(cache=new_cache), logits, temperature, top_p, rule_table)
+
+  def body(s):
+    if spec.steps_per_loop == 1:
+      return step(s)
+    return jax.lax.fori_loop(0, spec.steps_per_loop, lambda _, x: step(x), s)
 
   st = jax.lax.while_loop(cond, body, st)
   return st.cache, st._replace(cache=None)
@@ -445,7 +461,7 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
                  host_check: Optional[HostCheck] = None,
                  on_chunk: Optional[Callable[[np.ndarray, np.ndarray], None]] = None,
                  chunk_size: Optional[int] = None, mesh=None,
-                 matmul: str = "auto") -> Generation:
+                 matmul: str = "auto", steps_per_loop: int = 1) -> Generation:
   """Samples `num_samples` continuations of each prompt (token ids in, token ids out).
 
   prompts: P token lists (ragged). Rows are ordered prompt-major: row r = prompt r // n.
@@ -460,11 +476,18 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
   mesh: run under this mesh with the logical axis rules (params already sharded).
   matmul: how the blocks' linears multiply (`decode_matmul.IMPLEMENTATIONS`; "auto": int8
     weights through the Pallas kernel on a GPU at decode shapes, XLA otherwise).
+  steps_per_loop: decode steps per while-loop iteration (see DecodeSpec); 1 where the prompt
+    leaves no room for the overrun.
   """
   validate_sampling(sampling.temperature, sampling.top_k, sampling.top_p,
                     max_new_tokens=max_new_tokens, num_samples=num_samples)
   rule = rule or RuleTables(RULE_NONE, np.zeros((1, 1), np.int32))
-  prompt, segments = pad_prompts(prompts, max_new_tokens, config.max_position, max(eos_id, 0))
+  if not (isinstance(steps_per_loop, (int, np.integer)) and steps_per_loop >= 1):
+    raise InputError(f"steps_per_loop must be an integer >= 1, got {steps_per_loop}")
+  if max(len(q) for q in prompts) + max_new_tokens + steps_per_loop - 1 > config.max_position:
+    steps_per_loop = 1
+  prompt, segments = pad_prompts(prompts, max_new_tokens + steps_per_loop - 1,
+                                 config.max_position, max(eos_id, 0))
   p, n = len(prompts), num_samples
   b = p * n
   vocab_limit = config.vocab_size if vocab_limit is None else min(vocab_limit, config.vocab_size)
@@ -472,7 +495,7 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
                     greedy=sampling.is_greedy, top_k=int(sampling.top_k),
                     use_top_p=sampling.top_p < 1.0, eos_id=eos_id, vocab_limit=vocab_limit,
                     rule=rule.kind, quantized=quantization.is_quantized(params),
-                    matmul=matmul)
+                    matmul=matmul, steps_per_loop=int(steps_per_loop))
   at_line_start = [True] * p if at_line_start is None else list(at_line_start)
   rule_init = np.repeat([rule_initial_state(rule.kind, a) for a in at_line_start], n)
   row_ids = np.arange(b) if row_ids is None else np.asarray(row_ids)
@@ -526,7 +549,7 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
     reason = "stop_string" if host_stopped[r] else FINISH_REASONS[int(reasons[r])]
     out_tokens.append(toks)
     out_reasons.append(reason)
-  return Generation(out_tokens, out_reasons, int(steps))
+  return Generation(out_tokens, out_reasons, min(int(steps), max_new_tokens))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,7 +759,7 @@ class Sampler:
   """
 
   def __init__(self, config: M.CodeGeeXConfig, params: Any, tokenizer, *, mesh=None,
-               max_batch: int = 32):
+               max_batch: int = 32, steps_per_loop: int = 1):
     if tokenizer.vocab_size > config.vocab_size:
       raise InputError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                        f"{config.vocab_size}; wrong --tokenizer for this checkpoint?")
@@ -751,6 +774,7 @@ class Sampler:
     self.tokenizer = tokenizer
     self.mesh = mesh
     self.max_batch = max_batch
+    self.steps_per_loop = steps_per_loop   # see DecodeSpec
 
   @classmethod
   def load(cls, checkpoint, tokenizer=None, *, dtype: str = "fp32", int8: bool = False,
@@ -853,7 +877,7 @@ class Sampler:
               max_new_tokens=new, num_samples=count, seed=seed,
               eos_id=self.tokenizer.eos_id, vocab_limit=self.tokenizer.vocab_size, rule=rule,
               at_line_start=[at_start[i] for i in group], row_ids=row_ids, host_check=check,
-              mesh=self.mesh)
+              mesh=self.mesh, steps_per_loop=self.steps_per_loop)
           for r, (toks, reason) in enumerate(zip(gen.tokens, gen.reasons)):
             text = self.tokenizer.decode(toks)
             cut = cut_text(text, row_lang[r], stop, row_start[r])
@@ -948,7 +972,8 @@ class Sampler:
         max_new_tokens=self._fit_new_tokens([ids], max_new_tokens), seed=seed,
         eos_id=self.tokenizer.eos_id, vocab_limit=self.tokenizer.vocab_size, rule=rule,
         at_line_start=[at_start], host_check=self._host_check([language], [at_start], stop),
-        on_chunk=on_chunk, chunk_size=chunk_size, mesh=self.mesh)
+        on_chunk=on_chunk, chunk_size=chunk_size, mesh=self.mesh,
+        steps_per_loop=self.steps_per_loop)
     toks = gen.tokens[0]
     text = decode(toks)
     cut = cut_text(text, language, stop, at_start)

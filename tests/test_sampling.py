@@ -382,3 +382,47 @@ def test_cli_missing_checkpoint_and_long_prompt(checkpoint, tmp_path, capsys):
   code, _, err = _cli(capsys, "--checkpoint", str(checkpoint), "--tokenizer", "bytes",
                       "--prompt", "x" * 500)  # tiny: 128 positions
   assert code == 2 and "prompt has 500 tokens" in err and len(err.strip().splitlines()) == 1
+
+
+# --- several decode steps per while-loop iteration ---------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 3, 8])
+def test_steps_per_loop_changes_nothing_but_the_loop(reference, prompts, greedy, k):
+  """An inner loop of k steps (overrunning max_new_tokens = 40 by up to k - 1 pad steps) gives
+  the same tokens, reasons and step count as one step per iteration, with chunks, EOS and
+  seeded sampling."""
+  cfg, _, params = reference
+  got = S.generate_ids(cfg, params, prompts, max_new_tokens=NEW, eos_id=-1, steps_per_loop=k)
+  assert got.tokens == greedy.tokens and got.reasons == greedy.reasons and got.steps == NEW
+  chunked = S.generate_ids(cfg, params, prompts, max_new_tokens=NEW, eos_id=-1, chunk_size=7,
+                           host_check=lambda r, t: False, steps_per_loop=k)
+  assert chunked.tokens == greedy.tokens
+  eos = greedy.tokens[0][5]
+  one = S.generate_ids(cfg, params, prompts, max_new_tokens=NEW, eos_id=eos)
+  many = S.generate_ids(cfg, params, prompts, max_new_tokens=NEW, eos_id=eos, steps_per_loop=k)
+  assert (many.tokens, many.reasons) == (one.tokens, one.reasons)
+  sp = S.SamplingParams(temperature=0.9, top_p=0.95, top_k=100)
+  a, b = (S.generate_ids(cfg, params, prompts, sampling=sp, max_new_tokens=13, eos_id=-1,
+                         num_samples=2, seed=4, steps_per_loop=j).tokens for j in (1, k))
+  assert a == b
+
+
+def test_steps_per_loop_falls_back_when_the_prompt_leaves_no_room(reference):
+  cfg, _, params = reference
+  prompt = [list(range(1, cfg.max_position - 10 + 1))]       # 10 positions left
+  one = S.generate_ids(cfg, params, prompt, max_new_tokens=10, eos_id=-1)
+  many = S.generate_ids(cfg, params, prompt, max_new_tokens=10, eos_id=-1, steps_per_loop=4)
+  assert many.tokens == one.tokens and len(one.tokens[0]) == 10
+  with pytest.raises(S.InputError, match="steps_per_loop"):
+    S.generate_ids(cfg, params, prompt, max_new_tokens=10, steps_per_loop=0)
+
+
+def test_sampler_passes_steps_per_loop(char_sampler):
+  kw = dict(n=4, temperature=1.0, max_new_tokens=30, seed=3, language="python", add_tag=False,
+            stop=["(b"])
+  base = char_sampler.complete_detailed(["a(b)\n"], **kw)[0]
+  fast = S.Sampler(char_sampler.config, char_sampler.params, char_sampler.tokenizer,
+                   steps_per_loop=4).complete_detailed(["a(b)\n"], **kw)[0]
+  assert [c.text for c in fast] == [c.text for c in base]
+  assert [c.finish_reason for c in fast] == [c.finish_reason for c in base]
