@@ -6,11 +6,11 @@
 Writes a synthetic checkpoint of the preset's shape in the released single-file layout (random
 fp16, streamed to disk so the script itself stays small), then times, each in its own process:
   copy          shutil.copyfile of that file (the I/O floor for reading + writing those bytes),
-                once as is and once with an fsync at the end (the converter's output is synced:
-                TensorStore fsyncs its writes, jax-to-torch fsyncs the .pt before renaming it)
+                once as is and once with an fsync at the end (the converter syncs its output
+                before renaming it into place)
   torch-to-jax  geex-convert torch-to-jax SRC DST            (bf16, the default)
   jax-to-torch  geex-convert jax-to-torch DST OUT.pt         (fp16, the default)
-Peak RSS is the child's VmHWM (imports of jax and torch included). All files are removed at
+Peak RSS is the child's VmHWM (its imports included). All files are removed at
 the end unless --keep. Prints a Markdown table for BENCHMARKS.md.
 """
 from __future__ import annotations

@@ -200,7 +200,6 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
                  device=jax.devices()[0].device_kind)
       rows.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)
-  del params
   return rows
 
 

@@ -29,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from geex_jax import batches, optim, partitioning, train
 from geex_jax.model import CodeGeeXConfig, init_params

@@ -9,6 +9,8 @@ Output goes to a hidden staging path beside DST that is renamed into place only 
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -18,12 +20,14 @@ import re
 import resource
 import shutil
 import sys
+import threading
 import time
 import uuid
 from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from conversion import table
@@ -136,9 +140,25 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
 
 def flax_shapes(config: CodeGeeXConfig) -> dict[str, tuple]:
   """{unscanned flax path: shape} for `config`."""
-  tree = nn.unbox(abstract_params(config.replace(scan_layers=False)))
+  return dict(_flax_shapes(config.replace(scan_layers=False)))
+
+
+@functools.lru_cache(maxsize=8)
+def _flax_shapes(config: CodeGeeXConfig) -> tuple[tuple[str, tuple], ...]:
+  # Tracing the model's init costs ~20 ms per layer (0.6 s at 2.7B, once per direction and
+  # check): trace one layer and repeat its shapes, all layers being alike.
+  traced = config.replace(num_layers=min(config.num_layers, 1))
+  tree = nn.unbox(abstract_params(traced))
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+  shapes = {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+  out = []
+  for path, shape in shapes.items():
+    head, _, rest = path.partition("/")
+    if head == "layers_0":
+      out += [(f"layers_{i}/{rest}", shape) for i in range(config.num_layers)]
+    else:
+      out.append((path, shape))
+  return tuple(out)
 
 
 def torch_shapes(config: CodeGeeXConfig) -> dict[str, tuple]:
@@ -255,21 +275,96 @@ def _source_tensor(source: torch_io.TorchSource, name: str, config: CodeGeeXConf
   return source.load(name, consume)
 
 
-@functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable, config: CodeGeeXConfig, dtype: np.dtype) -> Callable:
-  """fn(x, config).astype(dtype) compiled by XLA for the host CPU.
+  """run(array) = fn(array, config).astype(dtype) as a fresh C-contiguous numpy array.
 
-  A table transform is a transpose/reshape; numpy's strided copy and ml_dtypes' bf16 cast run
-  at ~150-300 MB/s on one core, XLA's tiled multi-threaded transpose+convert at ~500 MB/s. The
-  conversions are bit-identical to numpy's (subnormals and NaNs included; tested).
+  A table transform is a transpose and/or reshape. XLA does the transposes: its tiled
+  transpose+convert (~1 GB/s per core, on every core) beats numpy's strided copy (~250 MB/s);
+  each shape is compiled once (~0.1 s, see `_prepare`). A small tensor that is only reshaped
+  needs just the cast, which numpy does without compiling anything. Both agree bit for bit
+  except in NaN payloads (tested).
   """
-  cpu = jax.devices("cpu")[0]
-  compiled = jax.jit(lambda x: fn(x, config).astype(dtype))
-
   def run(array: np.ndarray) -> np.ndarray:
-    return np.asarray(compiled(jax.device_put(array, cpu)))  # on the CPU even if a GPU exists
+    return _converter(fn, config, np.dtype(dtype), array.shape, array.dtype)(array)
 
   return run
+
+
+# Below this size a reshape-only transform is cast by numpy (one core, ~1 GB/s) rather than
+# compiled: the biases and LayerNorms, not the embeddings.
+_NUMPY_CAST_MAX_BYTES = 16 << 20
+
+_converters: dict = {}  # (fn, config, dtype, shape, src dtype) -> Future of the converter
+_converters_lock = threading.Lock()
+
+
+def _converter(fn: Callable, config: CodeGeeXConfig, dtype: np.dtype, shape: tuple,
+               src_dtype: np.dtype) -> Callable:
+  """The converter for one input shape, built once; threads asking for one being built wait."""
+  key = (fn, config, np.dtype(dtype), tuple(shape), np.dtype(src_dtype))
+  with _converters_lock:
+    future = _converters.get(key)
+    mine = future is None
+    if mine:
+      future = _converters[key] = concurrent.futures.Future()
+  if mine:
+    try:
+      future.set_result(_build_converter(*key))
+    except BaseException as e:
+      future.set_exception(e)
+  return future.result()
+
+
+def _build_converter(fn, config, dtype, shape, src_dtype) -> Callable:
+  spec = jax.ShapeDtypeStruct(shape, src_dtype)
+  jaxpr = jax.make_jaxpr(lambda x: fn(x, config))(spec).jaxpr
+  ops = [eqn.primitive.name for eqn in jaxpr.eqns]
+  if set(ops) <= {"reshape"} and int(np.prod(shape)) * src_dtype.itemsize <= _NUMPY_CAST_MAX_BYTES:
+    def cast(array: np.ndarray) -> np.ndarray:
+      with np.errstate(invalid="ignore"):  # NaNs convert to NaNs, as in XLA, without a warning
+        return fn(array, config).astype(dtype)  # numpy: views, then one copy
+    return cast
+  cpu = jax.devices("cpu")[0]  # on the CPU even if a GPU exists
+  pre, post, xla_fn = shape, tuple(jaxpr.outvars[0].aval.shape), lambda x: fn(x, config)
+  if ops.count("transpose") == 1 and set(ops) <= {"reshape", "transpose"} and _is_chain(jaxpr):
+    # reshape* -> transpose -> reshape*: the reshapes of contiguous arrays are free in numpy,
+    # while XLA transposes a 3-d view ~1.4-5x slower than the same bytes as a 2-d matrix
+    # (x.T.reshape(heads, head_dim, d) vs x.T).
+    transpose = jaxpr.eqns[ops.index("transpose")]
+    pre = tuple(transpose.invars[0].aval.shape)
+    xla_fn = functools.partial(jnp.transpose, axes=transpose.params["permutation"])
+  on_cpu = jax.ShapeDtypeStruct(pre, src_dtype, sharding=jax.sharding.SingleDeviceSharding(cpu))
+  compiled = jax.jit(lambda x: xla_fn(x).astype(dtype)).lower(on_cpu).compile()
+
+  def run(array: np.ndarray) -> np.ndarray:
+    # device_put does not copy an aligned array (a mapped tensor is), nor np.asarray the result.
+    return np.asarray(compiled(jax.device_put(array.reshape(pre), cpu))).reshape(post)
+
+  return run
+
+
+def _is_chain(jaxpr) -> bool:
+  """Whether each equation of `jaxpr` consumes the previous one's output (input to output)."""
+  current = jaxpr.invars[0]
+  for eqn in jaxpr.eqns:
+    if list(eqn.invars) != [current]:
+      return False
+    current = eqn.outvars[0]
+  return jaxpr.outvars == [current]
+
+
+def _prepare(keys) -> None:
+  """Builds the converters for `keys` ((fn, config, dtype, shape, src dtype), in the order
+  they will be needed) on a background thread: XLA compiles (~0.4 s in all at 2.7B) while the
+  conversion starts with what needs no compiling or was compiled first."""
+  def build():
+    for key in dict.fromkeys(keys):
+      try:
+        _converter(*key)
+      except Exception:  # pylint: disable=broad-except
+        pass  # kept in the future: whoever needs this converter raises it
+
+  threading.Thread(target=build, name="geex-compile").start()
 
 
 def _to_flax(source, name, transform, config, dtype) -> np.ndarray:
@@ -300,6 +395,9 @@ def torch_to_jax(src: os.PathLike, dst: os.PathLike, *, dtype: str = "bf16",
     notify(note)
   config = config.replace(param_dtype=np_dtype.name, scan_layers=scan_layers)
   shapes = flax_shapes(config)
+  source_shapes = torch_shapes(config)  # embedding fitted to the vocab, as consume sees it
+  _prepare([(transform.to_flax, config, np_dtype, source_shapes[name], source.dtype)
+            for name, _, transform in table.rows(config)])
 
   pieces: dict[str, list] = {}
   for torch_name, flax_path, transform in table.rows(config):
@@ -362,6 +460,12 @@ def _stored_reader(stored: checkpoints.StoredParams, config: CodeGeeXConfig):
   return read
 
 
+def _stored_dtype(stored: checkpoints.StoredParams, flax_path: str) -> np.dtype:
+  scanned = any(keys[0] == "layers" for keys in stored.leaves)
+  path = table.scanned_path(flax_path)[0] if scanned else flax_path
+  return np.dtype(stored.leaves[tuple(path.split("/"))].dtype.numpy_dtype)
+
+
 def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", shards: int = 1,
                  verify: bool = False, overwrite: bool = False,
                  progress: Optional[bool] = None) -> Summary:
@@ -369,7 +473,6 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
   layout: one file DST, or with shards > 1 a directory DST of mp_rank_XX_model_states.pt."""
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   np_dtype = _np_dtype(dtype, JAX_TO_TORCH_DTYPES)
-  t_dtype = torch_io.torch_dtype(np_dtype)
   if shards < 1:
     raise InputError(f"--shards must be >= 1, got {shards}")
   check_destination(dst, overwrite)
@@ -392,10 +495,14 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
       return shape
     return tuple(s // shards if i == axis else s for i, s in enumerate(shape))
 
-  layouts = [table.nest_released({n: torch_io.placeholder(part_shape(n, s), t_dtype)
+  layouts = [table.nest_released({n: torch_io.placeholder(part_shape(n, s), np_dtype)
                                   for n, s in shapes.items()}) for _ in range(shards)]
   transforms = {t: (f, tr) for t, f, tr in table.rows(config)}
-  total = sum(int(np.prod(s)) for s in shapes.values()) * np_dtype.itemsize
+  sizes = {name: int(np.prod(s)) * np_dtype.itemsize for name, s in shapes.items()}
+  total = sum(sizes.values())
+  stored_shapes = flax_shapes(config)
+  _prepare([(transform.to_torch, config, np_dtype, stored_shapes[flax_path],
+             _stored_dtype(stored, flax_path)) for _, flax_path, transform in table.rows(config)])
 
   def produce(name: str, fetched=None) -> np.ndarray:
     flax_path, transform = transforms[name]
@@ -409,27 +516,34 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
       stage.mkdir()
       paths = [stage / torch_io.shard_name(r) for r in range(shards)]
     writers = [torch_io.TorchZipWriter(p, layout) for p, layout in zip(paths, layouts)]
+    syncer = _Syncer(paths)
     # Every writer pickled the same nesting, so all expect tensors in the same name order.
     names = _leaf_names(table.nest_released(dict.fromkeys(shapes)))
+
+    def write(name: str, array: np.ndarray) -> None:
+      axis = table.split_axis(name) if shards > 1 else None
+      for rank, writer in enumerate(writers):
+        if axis is None:
+          writer.write(array)
+        else:
+          size = array.shape[axis] // shards
+          writer.write(np.take(array, np.arange(rank * size, (rank + 1) * size), axis=axis))
+      bar.update(array.nbytes)
+      syncer.wrote(array.nbytes)
+
     with _progress(total, "jax->torch", progress) as bar:
-      fetched = read(transforms[names[0]][0])
-      for i, name in enumerate(names):
-        current = fetched
-        # Prefetch: TensorStore reads the next tensor while this one is cast and written.
-        fetched = read(transforms[names[i + 1]][0]) if i + 1 < len(names) else None
-        array = produce(name, current)
-        axis = table.split_axis(name) if shards > 1 else None
-        for rank, writer in enumerate(writers):
-          if axis is None:
-            writer.write(array)
-          else:
-            size = array.shape[axis] // shards
-            writer.write(np.take(array, np.arange(rank * size, (rank + 1) * size), axis=axis))
-        bar.update(array.nbytes)
-        del array
+      try:
+        _pipeline(names, start=lambda name: read(transforms[name][0]), produce=produce,
+                  consume=write, nbytes=lambda name: sizes[name])
+      except BaseException:
+        for writer in writers:
+          writer.abandon()
+        raise
+      finally:
+        syncer.wait()
     for writer, path in zip(writers, paths):
       writer.close()
-      _fsync(path)  # durable before the rename publishes it (TensorStore syncs its own writes)
+      _fsync(path)  # durable before the rename publishes it (mostly done by the syncer)
     seconds, rss = time.perf_counter() - start, peak_rss()
     written = sum(os.path.getsize(p) for p in paths)
     summary = Summary("jax-to-torch", dst, len(shapes), total, np_dtype.name, seconds, rss,
@@ -437,6 +551,80 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
     if verify:
       summary.verify = verify_jax_to_torch(stage, read, config, produce)
   return summary
+
+
+def _pipeline(items: list, *, start: Callable, produce: Callable, consume: Callable,
+              nbytes: Callable, budget: int = checkpoints.STREAM_BYTES) -> None:
+  """For each item in order: started = start(item) on this thread, produced = produce(item,
+  started) on a producer thread, consume(item, produced) on a consumer thread.
+
+  The three stages overlap (the read of one tensor, the conversion of the next, the write of the
+  one before), in order, with at most `budget` bytes (per `nbytes(item)`, but always two items)
+  between start and the end of consume. The first error stops the work not yet begun and is
+  raised once everything in flight has finished.
+  """
+  failed = threading.Event()
+
+  def run_produce(item, started):
+    if failed.is_set():
+      return None
+    try:
+      return produce(item, started)
+    except BaseException:
+      failed.set()
+      raise
+
+  def run_consume(item, produced):
+    if failed.is_set():
+      return
+    try:
+      consume(item, produced.result())
+    except BaseException:
+      failed.set()
+      raise
+
+  window: collections.deque = collections.deque()
+  in_flight = 0
+  with concurrent.futures.ThreadPoolExecutor(1, "geex-produce") as producer, \
+       concurrent.futures.ThreadPoolExecutor(1, "geex-write") as consumer:
+    try:
+      for item in items:
+        size = nbytes(item)
+        while len(window) >= 2 and in_flight + size > budget:
+          done, done_size = window.popleft()
+          done.result()
+          in_flight -= done_size
+        produced = producer.submit(run_produce, item, start(item))
+        window.append((consumer.submit(run_consume, item, produced), size))
+        in_flight += size
+      while window:
+        window.popleft()[0].result()
+    except BaseException:
+      failed.set()
+      concurrent.futures.wait([f for f, _ in window])
+      raise
+
+
+class _Syncer:
+  """Syncs files in the background as they grow, so the disk writes them while the conversion
+  goes on and the final fsync has little left to wait for (at 2.7B it was ~1 s at the end)."""
+
+  EVERY = checkpoints.STREAM_BYTES
+
+  def __init__(self, paths: list):
+    self.paths = list(paths)
+    self.pending = 0
+    self.running: Optional[concurrent.futures.Future] = None
+    self.pool = concurrent.futures.ThreadPoolExecutor(1, "geex-sync")
+
+  def wrote(self, nbytes: int) -> None:
+    self.pending += nbytes
+    if self.pending >= self.EVERY and (self.running is None or self.running.done()):
+      self.pending = 0
+      self.running = self.pool.submit(lambda: [_fsync(p) for p in self.paths])
+
+  def wait(self) -> None:
+    self.pool.shutdown(wait=True)
 
 
 def _fsync(path: pathlib.Path) -> None:
@@ -539,7 +727,7 @@ def verify_jax_to_torch(stage: pathlib.Path, read, config: CodeGeeXConfig, produ
   written = torch_io.TorchSource(stage)
   if config.num_params() <= VERIFY_LOGITS_MAX_PARAMS:
     flat = {name: written.load(name).astype(np.float32) for name in written.shapes}
-    out_dtype = torch_io.numpy_dtype(written.dtype)
+    out_dtype = written.dtype
     params: dict = {}
     for name, flax_path, _ in table.rows(config):
       # JAX runs on the source params rounded like the written file, so only the conversion is

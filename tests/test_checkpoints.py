@@ -86,3 +86,60 @@ def test_stored_params_errors(tmp_path):
   (tmp_path / "ck" / "params").mkdir()
   with pytest.raises(CheckpointError, match="cannot read params"):
     checkpoints.StoredParams(tmp_path / "ck")
+
+
+def test_streaming_write_is_plain_zarr_that_stock_orbax_restores(tmp_path):
+  """Uncompressed: one zarr directory per leaf, each piece one bare chunk file, which the reader
+  maps instead of copying; stock Orbax restores the same values."""
+  import orbax.checkpoint as ocp
+  config = tiny(param_dtype="bfloat16")
+  params = jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16),
+                        init_params(config.replace(scan_layers=False), jax.random.key(2)))
+  stacked, tree = lazy_tree(params, [])
+  checkpoints.save_params_streaming(tmp_path / "ck", config, tree, buffer_bytes=1)
+  path = tmp_path / "ck" / "params"
+  assert not (path / "manifest.ocdbt").exists()
+  kernel = path / "layers.mlp.dense_h_to_4h.kernel"
+  assert sorted(p.name for p in kernel.iterdir() if not p.name.startswith(".")) == ["0.0.0",
+                                                                                     "1.0.0"]
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(path.absolute())
+  jax.tree.map(np.testing.assert_array_equal, restored, stacked)
+  stored = checkpoints.StoredParams(tmp_path / "ck")
+  future = stored.read_async(("layers", "mlp", "dense_h_to_4h", "kernel"), 1)
+  assert isinstance(future, checkpoints._Mapped)
+  got = future.result()
+  assert got.dtype == jnp.bfloat16 and not got.flags.writeable
+  np.testing.assert_array_equal(got, stacked["layers"]["mlp"]["dense_h_to_4h"]["kernel"][1])
+  whole = stored.read(("word_embeddings", "embedding"))
+  np.testing.assert_array_equal(whole, stacked["word_embeddings"]["embedding"])
+
+
+def test_streaming_write_compressed_goes_through_tensorstore(tmp_path):
+  config = tiny()
+  params = init_params(config.replace(scan_layers=False), jax.random.key(3))
+  stacked, tree = lazy_tree(params, [])
+  checkpoints.save_params_streaming(tmp_path / "ck", config, tree, compress=True)
+  _, loaded = checkpoints.load_params(tmp_path / "ck")
+  jax.tree.map(np.testing.assert_array_equal, loaded, stacked)
+  stored = checkpoints.StoredParams(tmp_path / "ck")
+  future = stored.read_async(("layers", "mlp", "dense_h_to_4h", "kernel"), 0)
+  assert not isinstance(future, checkpoints._Mapped)  # zstd chunks: TensorStore decodes them
+  np.testing.assert_array_equal(future.result(),
+                                stacked["layers"]["mlp"]["dense_h_to_4h"]["kernel"][0])
+
+
+def test_streaming_writer_stops_at_the_first_failing_piece(tmp_path):
+  produced = []
+
+  def piece(i):
+    produced.append(i)
+    if i == 3:
+      raise CheckpointError("piece 3 failed")
+    return np.full((4,), i, np.float32)
+
+  tree = {"a": checkpoints.LazyArray((40, 4), np.dtype(np.float32),
+                                     tuple((i, lambda i=i: piece(i)) for i in range(40)))}
+  with pytest.raises(CheckpointError, match="piece 3 failed"):
+    checkpoints.save_params_streaming(tmp_path / "ck", tiny(), tree, buffer_bytes=32)
+  assert max(produced) < 10  # what was not begun when it failed is skipped

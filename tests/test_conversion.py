@@ -3,6 +3,7 @@ layout, model-parallel shards, and one clear error (exit code 2, nothing left be
 input."""
 import argparse
 import pathlib
+import struct
 import zipfile
 
 import jax.numpy as jnp
@@ -378,3 +379,43 @@ def test_fused_names_and_parts(flat):
   assert table.fused_parts(kv) == ("transformer.topQueryLayer.attention.key.bias",
                                    "transformer.topQueryLayer.attention.value.bias")
   assert len(fused) == len(flat) - 2 * 2 * 2 - 1 * 2
+
+
+def test_writer_records_are_aligned_with_valid_crcs(tmp_path):
+  nested = {"w": torch_io.placeholder((3, 33), np.float16), "b": torch_io.placeholder((5,),
+                                                                                   torch.float32)}
+  writer = torch_io.TorchZipWriter(tmp_path / "out.pt", nested)
+  writer.write(np.arange(99, dtype=np.float16).reshape(3, 33))
+  writer.write(np.ones(5, np.float32))
+  writer.close()
+  with zipfile.ZipFile(tmp_path / "out.pt") as archive:
+    assert archive.testzip() is None  # every CRC checks out
+    names = archive.namelist()
+    infos = archive.infolist()
+  assert names[0] == "out/data.pkl" and names[-2:] == ["out/version", "out/.data/serialization_id"]
+  raw = (tmp_path / "out.pt").read_bytes()
+  for info in infos:
+    if "/data/" in info.filename:   # a storage: its bytes start at a 64-byte offset
+      name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:
+                                                     info.header_offset + 30])
+      assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
+  back = torch.load(tmp_path / "out.pt", mmap=True, weights_only=True)
+  np.testing.assert_array_equal(back["w"].numpy(), np.arange(99, dtype=np.float16).reshape(3, 33))
+  np.testing.assert_array_equal(back["b"].numpy(), np.ones(5, np.float32))
+
+
+@pytest.mark.parametrize("src,dst", [("float16", "bfloat16"), ("bfloat16", "float16"),
+                                     ("float16", "float32"), ("bfloat16", "float32")])
+def test_numpy_and_xla_converters_agree(src, dst):
+  """Reshape-only tensors are cast by numpy, transposed ones by XLA: every 16-bit pattern
+  converts the same both ways (NaN payloads aside)."""
+  config = tiny()
+  src, dst = np.dtype(jnp.dtype(src)), np.dtype(jnp.dtype(dst))
+  x = np.arange(1 << 16, dtype=np.uint16).view(src).reshape(256, 256)
+  by_numpy = convert._build_converter(table.IDENTITY.to_flax, config, dst, x.shape, src)(x)
+  by_xla = convert._build_converter(table.LINEAR.to_flax, config, dst, x.shape, src)(x.T)
+  by_xla = np.ascontiguousarray(by_xla)
+  nan = np.isnan(by_numpy.astype(np.float32))
+  assert (np.isnan(by_xla.astype(np.float32)) == nan).all()
+  bits = np.uint16 if dst.itemsize == 2 else np.uint32
+  assert (by_numpy.view(bits)[~nan] == by_xla.view(bits)[~nan]).all()

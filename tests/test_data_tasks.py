@@ -1,5 +1,4 @@
 """geex_jax/data/tasks.py + vocabulary.py: the seqio Tasks/Mixture agree with the batch pipeline."""
-import numpy as np
 import pytest
 
 from data_fixtures import mixed_tree

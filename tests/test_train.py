@@ -1,5 +1,4 @@
 """geex_jax/train.py: sharding invariance, exact resume, gradient accumulation, multi-host, CLI."""
-import json
 import os
 import pathlib
 import signal
