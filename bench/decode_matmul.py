@@ -69,7 +69,7 @@ def candidates(rows: int, k: int, n: int) -> list[I.Tiling]:
     for splits in (1, 2, 4, 5, 8, 10, 16, 20, 32, 40):
       chunk, rem = divmod(k, splits)
       programs = (n // bn) * splits
-      if rem or not I._pow2(chunk) or not 192 <= programs <= 1800:
+      if rem or not I.is_pow2(chunk) or not 192 <= programs <= 1800:
         continue
       out.append(I.Tiling(block_n=bn, k_splits=splits, block_k=min(128 if rows == 1 else 64,
                                                                     chunk)))

@@ -56,7 +56,7 @@ TILINGS: dict[tuple[int, int, int, int], Optional[Tiling]] = {}
 _TARGET_PROGRAMS = 512     # ~4 per multiprocessor on an H100/H200 (132 SMs)
 
 
-def _pow2(n: int) -> bool:
+def is_pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
@@ -75,7 +75,7 @@ def default_tiling(m: int, k: int, n: int) -> Optional[Tiling]:
   columns = n // block_n
   for splits in (1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 64):
     chunk, rem = divmod(k, splits)
-    if rem or not _pow2(chunk) or chunk < 64:
+    if rem or not is_pow2(chunk) or chunk < 64:
       continue
     if columns * splits >= _TARGET_PROGRAMS or chunk == 64:
       return Tiling(block_n=block_n, k_splits=splits, block_k=min(128, chunk))
@@ -88,8 +88,8 @@ def tiling_key(m: int, k: int, n: int, dtype) -> tuple[int, int, int, int]:
 
 def fits(tiling: Tiling, m: int, k: int, n: int) -> bool:
   chunk, rem = divmod(k, tiling.k_splits)
-  return (m <= MAX_KERNEL_ROWS and n % tiling.block_n == 0 and rem == 0 and _pow2(chunk)
-          and _pow2(tiling.block_n) and _pow2(tiling.block_k) and chunk % tiling.block_k == 0)
+  return (m <= MAX_KERNEL_ROWS and n % tiling.block_n == 0 and rem == 0 and is_pow2(chunk)
+          and is_pow2(tiling.block_n) and is_pow2(tiling.block_k) and chunk % tiling.block_k == 0)
 
 
 def xla_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -192,10 +192,11 @@ def use_kernel(impl: str, m: int, k: int, n: int, weight_dtype=jnp.int8) -> Opti
 
 def matmul(x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
   """x [M, K] (compute dtype) @ w [K, N] (int8 or float) -> fp32 [M, N], by `impl`."""
-  tiling = use_kernel(impl, x.shape[0], x.shape[1], w.shape[1], w.dtype)
-  if tiling is None:
-    return xla_matmul(x, w)
-  return pallas_matmul(x, w, tiling)
+  return _product(x, w, use_kernel(impl, x.shape[0], x.shape[1], w.shape[1], w.dtype))
+
+
+def _product(x: jax.Array, w: jax.Array, tiling: Optional[Tiling]) -> jax.Array:
+  return xla_matmul(x, w) if tiling is None else pallas_matmul(x, w, tiling)
 
 
 def linear_interceptor(impl: str = "auto"):
@@ -227,11 +228,12 @@ def linear_interceptor(impl: str = "auto"):
     batch_shape = x.shape[:x.ndim - nc]
     k, n = math.prod(w.shape[:nc]), math.prod(features)
     rows = math.prod(batch_shape)
-    if not quantized and use_kernel(impl, rows, k, n, w.dtype) is None:
+    tiling = use_kernel(impl, rows, k, n, w.dtype)
+    if tiling is None and not quantized:
       return next_fun(*args, **kwargs)
     dtype = module.dtype or x.dtype
     # One [M, K] @ [K, N] product (free reshapes of contiguous arrays), accumulated in fp32.
-    y = matmul(x.astype(dtype).reshape(rows, k), w.reshape(k, n), impl)
+    y = _product(x.astype(dtype).reshape(rows, k), w.reshape(k, n), tiling)
     if scale is not None:
       y = y * scale.reshape(n).astype(jnp.float32)
     bias = module.get_variable("params", "bias") if module.use_bias else None
