@@ -32,7 +32,7 @@ import numpy as np
 
 from conversion import table
 from conversion import torch_io
-from geex_jax import checkpoints
+from geex_jax import checkpoints, fileio
 from geex_jax.errors import CheckpointError, InputError
 from geex_jax.model import PRESETS, CodeGeeXConfig, abstract_params, as_dtype
 
@@ -543,7 +543,7 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
         syncer.wait()
     for writer, path in zip(writers, paths):
       writer.close()
-      _fsync(path)  # durable before the rename publishes it (mostly done by the syncer)
+      fileio.fsync_path(path)  # durable before the rename publishes it (mostly done by the syncer)
     seconds, rss = time.perf_counter() - start, peak_rss()
     written = sum(os.path.getsize(p) for p in paths)
     summary = Summary("jax-to-torch", dst, len(shapes), total, np_dtype.name, seconds, rss,
@@ -621,18 +621,10 @@ class _Syncer:
     self.pending += nbytes
     if self.pending >= self.EVERY and (self.running is None or self.running.done()):
       self.pending = 0
-      self.running = self.pool.submit(lambda: [_fsync(p) for p in self.paths])
+      self.running = self.pool.submit(lambda: [fileio.fsync_path(p) for p in self.paths])
 
   def wait(self) -> None:
     self.pool.shutdown(wait=True)
-
-
-def _fsync(path: pathlib.Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
 
 
 def _leaf_names(nested: dict) -> list[str]:

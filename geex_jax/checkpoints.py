@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geex_jax import fileio
 from geex_jax.errors import CheckpointError
 from geex_jax.model import CodeGeeXConfig, convert_layout
 
@@ -210,14 +211,6 @@ def _write_chunk(path: str, data: np.ndarray) -> None:
     f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
 
 
-def _fsync_file(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _lazy_handler(on_bytes, budget: int):
   """An Orbax NumpyHandler that writes LazyArray leaves piece by piece: one thread produces the
   pieces in order while two write the previous ones and one syncs what they wrote, with at most
@@ -246,7 +239,7 @@ def _lazy_handler(on_bytes, budget: int):
         # Synced in the background, in write order: the disk works from the first chunk on
         # while the writers go on (syncing at the end would leave it all to wait for; syncing
         # on the writer threads would stall them whenever the disk lags).
-        syncs.append(writers.syncer.submit(_fsync_file, path))
+        syncs.append(writers.syncer.submit(fileio.fsync_path, path))
       else:
         # The pieces are fresh arrays nobody mutates, so TensorStore may use them uncopied.
         target = self.store if index is None else self.store[index]
@@ -392,11 +385,7 @@ def sync_tree(root: pathlib.Path) -> None:
   """fsyncs every file and directory under `root` (one pass instead of a sync per write)."""
   for directory, _, files in os.walk(root, topdown=False):
     for name in [*files, "."]:
-      fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
+      fileio.fsync_path(os.path.join(directory, name))
 
 
 class _Mapped:

@@ -1,4 +1,4 @@
-"""Small file helpers every CLI shares: whole-or-nothing writes and JSONL(.gz) reading."""
+"""Small file helpers every CLI shares: whole-or-nothing writes, fsync by path, JSONL(.gz)."""
 from __future__ import annotations
 
 import gzip
@@ -12,6 +12,15 @@ from typing import Any, Iterator, Union
 from geex_jax.errors import InputError
 
 PathLike = Union[str, os.PathLike]
+
+
+def fsync_path(path: PathLike) -> None:
+  """Flushes a file (or a directory entry list) that is already written to disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def write_atomic(path: PathLike, text: str, *, fsync: bool = False) -> None:
