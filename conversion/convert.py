@@ -9,7 +9,6 @@ Output goes to a hidden staging path beside DST that is renamed into place only 
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -32,7 +31,7 @@ import numpy as np
 
 from conversion import table
 from conversion import torch_io
-from geex_jax import checkpoints, fileio
+from geex_jax import checkpoints, fileio, streaming
 from geex_jax.errors import CheckpointError, InputError
 from geex_jax.model import PRESETS, CodeGeeXConfig, abstract_params, as_dtype
 
@@ -516,7 +515,6 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
       stage.mkdir()
       paths = [stage / torch_io.shard_name(r) for r in range(shards)]
     writers = [torch_io.TorchZipWriter(p, layout) for p, layout in zip(paths, layouts)]
-    syncer = _Syncer(paths)
     # Every writer pickled the same nesting, so all expect tensors in the same name order.
     names = _leaf_names(table.nest_released(dict.fromkeys(shapes)))
 
@@ -529,21 +527,22 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
           size = array.shape[axis] // shards
           writer.write(np.take(array, np.arange(rank * size, (rank + 1) * size), axis=axis))
       bar.update(array.nbytes)
-      syncer.wrote(array.nbytes)
+      for path in paths:
+        syncs.sync(path)  # the disk writes the growing files while the conversion goes on
 
     with _progress(total, "jax->torch", progress) as bar:
       try:
-        _pipeline(names, start=lambda name: read(transforms[name][0]), produce=produce,
-                  consume=write, nbytes=lambda name: sizes[name])
+        with streaming.BackgroundSync() as syncs:
+          # One writer: each file's tensors go in pickling order.
+          streaming.run(names, start=lambda name: read(transforms[name][0]), produce=produce,
+                        write=write, nbytes=lambda name: sizes[name])
       except BaseException:
         for writer in writers:
           writer.abandon()
         raise
-      finally:
-        syncer.wait()
     for writer, path in zip(writers, paths):
       writer.close()
-      fileio.fsync_path(path)  # durable before the rename publishes it (mostly done by the syncer)
+      fileio.fsync_path(path)  # durable before the rename publishes it
     seconds, rss = time.perf_counter() - start, peak_rss()
     written = sum(os.path.getsize(p) for p in paths)
     summary = Summary("jax-to-torch", dst, len(shapes), total, np_dtype.name, seconds, rss,
@@ -551,80 +550,6 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
     if verify:
       summary.verify = verify_jax_to_torch(stage, read, config, produce)
   return summary
-
-
-def _pipeline(items: list, *, start: Callable, produce: Callable, consume: Callable,
-              nbytes: Callable, budget: int = checkpoints.STREAM_BYTES) -> None:
-  """For each item in order: started = start(item) on this thread, produced = produce(item,
-  started) on a producer thread, consume(item, produced) on a consumer thread.
-
-  The three stages overlap (the read of one tensor, the conversion of the next, the write of the
-  one before), in order, with at most `budget` bytes (per `nbytes(item)`, but always two items)
-  between start and the end of consume. The first error stops the work not yet begun and is
-  raised once everything in flight has finished.
-  """
-  failed = threading.Event()
-
-  def run_produce(item, started):
-    if failed.is_set():
-      return None
-    try:
-      return produce(item, started)
-    except BaseException:
-      failed.set()
-      raise
-
-  def run_consume(item, produced):
-    if failed.is_set():
-      return
-    try:
-      consume(item, produced.result())
-    except BaseException:
-      failed.set()
-      raise
-
-  window: collections.deque = collections.deque()
-  in_flight = 0
-  with concurrent.futures.ThreadPoolExecutor(1, "geex-produce") as producer, \
-       concurrent.futures.ThreadPoolExecutor(1, "geex-write") as consumer:
-    try:
-      for item in items:
-        size = nbytes(item)
-        while len(window) >= 2 and in_flight + size > budget:
-          done, done_size = window.popleft()
-          done.result()
-          in_flight -= done_size
-        produced = producer.submit(run_produce, item, start(item))
-        window.append((consumer.submit(run_consume, item, produced), size))
-        in_flight += size
-      while window:
-        window.popleft()[0].result()
-    except BaseException:
-      failed.set()
-      concurrent.futures.wait([f for f, _ in window])
-      raise
-
-
-class _Syncer:
-  """Syncs files in the background as they grow, so the disk writes them while the conversion
-  goes on and the final fsync has little left to wait for (at 2.7B it was ~1 s at the end)."""
-
-  EVERY = checkpoints.STREAM_BYTES
-
-  def __init__(self, paths: list):
-    self.paths = list(paths)
-    self.pending = 0
-    self.running: Optional[concurrent.futures.Future] = None
-    self.pool = concurrent.futures.ThreadPoolExecutor(1, "geex-sync")
-
-  def wrote(self, nbytes: int) -> None:
-    self.pending += nbytes
-    if self.pending >= self.EVERY and (self.running is None or self.running.done()):
-      self.pending = 0
-      self.running = self.pool.submit(lambda: [fileio.fsync_path(p) for p in self.paths])
-
-  def wait(self) -> None:
-    self.pool.shutdown(wait=True)
 
 
 def _leaf_names(nested: dict) -> list[str]:

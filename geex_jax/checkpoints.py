@@ -20,7 +20,6 @@ or `layers_0..`); `load_params` converts it to the layout the caller asks for.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -34,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geex_jax import fileio
+from geex_jax import fileio, streaming
 from geex_jax.errors import CheckpointError
 from geex_jax.model import CodeGeeXConfig, convert_layout
 
@@ -153,13 +152,6 @@ def load_params(directory: os.PathLike, *, dtype: Optional[Any] = None,
 # to read and to write, a memory map ~0.05 and a write() ~0.45). TensorStore still creates each
 # array (its .zarray metadata) and does all I/O for any other layout (compressed, OCDBT, zarr3).
 
-# Converted data allowed in flight (produced, not yet written) while streaming, though always
-# two pieces (one being produced while the other is written): at 2.7B, 64 MB measured ~20%
-# slower than 128 MB, and 256 MB no faster but ~150 MB more at peak (of the 1.33 GB that the
-# 25%-of-the-checkpoint memory target allows).
-STREAM_BYTES = 128 << 20
-
-
 @dataclasses.dataclass(frozen=True)
 class LazyArray:
   """A params leaf whose data is produced on demand while the checkpoint is written.
@@ -212,9 +204,9 @@ def _write_chunk(path: str, data: np.ndarray) -> None:
 
 
 def _lazy_handler(on_bytes, budget: int):
-  """An Orbax NumpyHandler that writes LazyArray leaves piece by piece: one thread produces the
-  pieces in order while two write the previous ones and one syncs what they wrote, with at most
-  `budget` bytes of produced data in flight (but always two pieces)."""
+  """An Orbax NumpyHandler that writes LazyArray leaves piece by piece through
+  `streaming.run`: one thread produces the pieces in order while two write the previous ones
+  and one syncs what they wrote, with at most `budget` bytes of produced data in flight."""
   import asyncio
   import tensorstore as ts
   from orbax.checkpoint._src.serialization import ocdbt_utils
@@ -232,18 +224,28 @@ def _lazy_handler(on_bytes, budget: int):
       chunk = (1, *self.piece_shape) if stacked else self.piece_shape
       self.raw_dir = _raw_chunk_dir(store.spec().to_json(), chunk)
 
-    async def write(self, index, data: np.ndarray, writers, syncs: list) -> None:
+    def write(self, index, data: np.ndarray, syncs: streaming.BackgroundSync) -> None:
+      """Writes one piece (runs on a writer thread)."""
       if self.raw_dir is not None:
         path = os.path.join(self.raw_dir, _chunk_key(index, len(self.store.shape)))
-        await asyncio.get_running_loop().run_in_executor(writers, _write_chunk, path, data)
+        _write_chunk(path, data)
         # Synced in the background, in write order: the disk works from the first chunk on
-        # while the writers go on (syncing at the end would leave it all to wait for; syncing
-        # on the writer threads would stall them whenever the disk lags).
-        syncs.append(writers.syncer.submit(fileio.fsync_path, path))
+        # while the writers go on (syncing on the writer threads would stall them whenever the
+        # disk lags).
+        syncs.sync(path)
       else:
         # The pieces are fresh arrays nobody mutates, so TensorStore may use them uncopied.
         target = self.store if index is None else self.store[index]
-        await target.write(data, can_reference_source_data_indefinitely=True)
+        target.write(data, can_reference_source_data_indefinitely=True).result()
+
+  def produce(item, _) -> np.ndarray:
+    sink, index, make, name = item
+    data = np.asarray(make())
+    if data.shape != sink.piece_shape or data.dtype != sink.dtype:
+      raise CheckpointError(f"{name}[{index}]: produced {data.dtype}{list(data.shape)}, "
+                            f"expected {sink.dtype}{list(sink.piece_shape)}")
+    return data
+
 
   class LazyArrayHandler(type_handlers.NumpyHandler):
     # typestr() stays "np.ndarray": the checkpoint's metadata then names the stock NumpyHandler,
@@ -267,74 +269,32 @@ def _lazy_handler(on_bytes, budget: int):
       return Sink(value, store, stacked)
 
     async def _background_serialize(self, values, infos, args):
-      loop = asyncio.get_running_loop()
       # Orbax's context, except for file_io_sync: TensorStore would fsync every write it makes
       # (when it writes, i.e. for layouts without the fast path); the caller syncs the finished
       # tree once instead.
       context = ts.Context({"file_io_concurrency": {"limit": 128},
                             "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
                             "file_io_sync": False})
-      failed = []
-      window = []  # [(task, nbytes)], oldest first
-      in_flight = 0
-      syncs = []  # futures of the chunk files' fsyncs
+      sinks = await asyncio.gather(*(self._open(value, info, arg, context)
+                                     for value, info, arg in zip(values, infos, args)))
+      items = [(sink, index, make, info.name)
+               for sink, value, info in zip(sinks, values, infos)
+               for index, make in value.pieces]
 
-      async def piece(sink, index, produce, name, producer, writers):
-        if failed:  # an earlier piece failed: the save is lost, skip the work
-          return
-        try:
-          data = np.asarray(await loop.run_in_executor(producer, produce))
-          if data.shape != sink.piece_shape or data.dtype != sink.dtype:
-            raise CheckpointError(
-                f"{name}[{index}]: produced {data.dtype}{list(data.shape)}, expected "
-                f"{sink.dtype}{list(sink.piece_shape)}")
-          await sink.write(index, data, writers, syncs)
-        except BaseException as e:
-          failed.append(e)
-          raise
+      def write(item, data: np.ndarray) -> None:
+        sink, index, _, _ = item
+        sink.write(index, data, syncs)
         on_bytes(sink.piece_nbytes)
 
-      # One producer: pieces are produced in order (a producer may itself use every core, as
-      # XLA does). Two writers, so that one write waiting on the page cache does not hold up
-      # the next. One syncer.
-      with concurrent.futures.ThreadPoolExecutor(1, "geex-produce") as producer, \
-           _Writers(2) as writers:
-        try:
-          for value, info, arg in zip(values, infos, args):
-            sink = await self._open(value, info, arg, context)
-            for index, produce in value.pieces:
-              while len(window) >= 2 and in_flight + sink.piece_nbytes > budget:
-                task, nbytes = window.pop(0)
-                await task
-                in_flight -= nbytes
-              task = asyncio.ensure_future(piece(sink, index, produce, info.name, producer,
-                                                 writers))
-              window.append((task, sink.piece_nbytes))
-              in_flight += sink.piece_nbytes
-          while window:
-            await window.pop(0)[0]
-          for sync in syncs:
-            await asyncio.wrap_future(sync)
-        except BaseException:
-          # Let the writes in flight finish (cancelling does not stop TensorStore's commit nor a
-          # writer thread): a write landing after the caller removed the partial checkpoint
-          # would recreate it.
-          await asyncio.gather(*(task for task, _ in window), return_exceptions=True)
-          raise
+      def stream() -> None:
+        # Two writers, so that one write waiting on the page cache does not hold up the next.
+        streaming.run(items, produce=produce, write=write,
+                      nbytes=lambda item: item[0].piece_nbytes, writers=2, budget=budget)
+
+      with streaming.BackgroundSync() as syncs:
+        await asyncio.get_running_loop().run_in_executor(None, stream)
 
   return LazyArrayHandler()
-
-
-class _Writers(concurrent.futures.ThreadPoolExecutor):
-  """Writer threads plus the one thread that syncs what they wrote; both shut down together."""
-
-  def __init__(self, threads: int):
-    super().__init__(threads, "geex-write")
-    self.syncer = concurrent.futures.ThreadPoolExecutor(1, "geex-sync")
-
-  def shutdown(self, wait=True, **kwargs):
-    super().shutdown(wait, **kwargs)
-    self.syncer.shutdown(wait, **kwargs)
 
 
 class _DropMessage(logging.Filter):
@@ -348,7 +308,7 @@ class _DropMessage(logging.Filter):
 
 def save_params_streaming(directory: os.PathLike, config: CodeGeeXConfig, tree: Any, *,
                           compress: bool = False, on_bytes=lambda n: None,
-                          buffer_bytes: int = STREAM_BYTES) -> None:
+                          buffer_bytes: int = streaming.BUDGET_BYTES) -> None:
   """Writes a params-only checkpoint (config.json + params/) from a tree of LazyArray leaves.
 
   Peak memory is about `buffer_bytes` of produced pieces (at least two). compress: zstd
