@@ -1,17 +1,22 @@
 """Throughput and peak memory of geex-convert, both ways, against a plain file copy.
 
   python bench/convert.py                       # 2.7b shape, ~5.3 GB fp16, under /tmp
-  python bench/convert.py --preset 350m --workdir /scratch
+  python bench/convert.py --preset 350m --workdir /scratch --repeat 5 --cold
 
 Writes a synthetic checkpoint of the preset's shape in the released single-file layout (random
-fp16, streamed to disk so the script itself stays small), then times, each in its own process:
+fp16, streamed to disk so the script itself stays small), then times `--repeat` rounds of these
+steps, each in its own process:
   copy          shutil.copyfile of that file (the I/O floor for reading + writing those bytes),
                 once as is and once with an fsync at the end (the converter syncs its output
                 before renaming it into place)
   torch-to-jax  geex-convert torch-to-jax SRC DST            (bf16, the default)
   jax-to-torch  geex-convert jax-to-torch DST OUT.pt         (fp16, the default)
-Peak RSS is the child's VmHWM (its imports included). All files are removed at
-the end unless --keep. Prints a Markdown table for BENCHMARKS.md.
+and reports each step's median: on a shared VM a plain copy of the same 5.3 GB has taken
+anywhere from 2.4 to 6.2 s. With --cold every step's input is dropped from the page cache
+first (posix_fadvise DONTNEED), so each reads it from disk, as the conversion of a freshly
+downloaded checkpoint does; without it the inputs are mostly cached (just written or read).
+Peak RSS is the child's VmHWM (its imports included). All files are removed at the end unless
+--keep. Prints a Markdown table for BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import os
 import pathlib
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +76,10 @@ def write_synthetic(path: pathlib.Path, config: CodeGeeXConfig) -> int:
   return path.stat().st_size
 
 
-def run(*argv) -> tuple[float, int]:
+def run(*argv, cold: bool = False) -> tuple[float, int]:
   """Runs one step in a fresh process; returns (seconds, peak RSS bytes)."""
+  if cold:
+    evict(pathlib.Path(argv[1]))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
   proc = subprocess.run([sys.executable, "-c", _CHILD, *map(str, argv)], env=env,
                         capture_output=True, text=True)
@@ -85,51 +93,78 @@ def run(*argv) -> tuple[float, int]:
   return float(seconds), int(rss)
 
 
+def evict(path: pathlib.Path) -> None:
+  """Drops the cached pages of every file under `path` (written back first: dirty pages stay)."""
+  for p in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+      os.fdatasync(fd)
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
 def du(path: pathlib.Path) -> int:
   if path.is_file():
     return path.stat().st_size
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+
+
+STEPS = {"copy": "copy (shutil.copyfile)", "copy+fsync": "copy+fsync (shutil.copyfile, fsync)",
+         "torch-to-jax": "torch-to-jax (fp16 -> bf16)",
+         "jax-to-torch": "jax-to-torch (bf16 -> fp16)"}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="2.7b")
   parser.add_argument("--workdir", default=tempfile.gettempdir())
+  parser.add_argument("--repeat", type=int, default=3, help="rounds of all steps (default 3)")
+  parser.add_argument("--cold", action="store_true",
+                      help="drop each step's input from the page cache before it runs")
   parser.add_argument("--keep", action="store_true")
   args = parser.parse_args()
   config = CodeGeeXConfig.preset(args.preset)
   work = pathlib.Path(tempfile.mkdtemp(prefix="geex-convert-bench-", dir=args.workdir))
+  runs: dict[str, list] = {step: [] for step in STEPS}
   try:
     src, jax_dir, out = work / "src.pt", work / "jax", work / "out.pt"
     t = time.perf_counter()
     size = write_synthetic(src, config)
     print(f"synthetic {args.preset} checkpoint: {size / 1e9:.2f} GB in "
           f"{time.perf_counter() - t:.0f} s", file=sys.stderr)
-    rows = []
-    for kind in ("copy", "copy+fsync"):
-      s, rss = run(kind, src, work / "copy.pt")
-      (work / "copy.pt").unlink()
-      rows.append((f"{kind} (shutil.copyfile{', fsync' if 'fsync' in kind else ''})", size, s,
-                   rss))
-    copy_s, sync_s = rows[0][2], rows[1][2]
-    s, rss = run("torch-to-jax", src, jax_dir)
-    rows.append(("torch-to-jax (fp16 -> bf16)", size, s, rss))
-    s, rss = run("jax-to-torch", jax_dir, out)
-    rows.append(("jax-to-torch (bf16 -> fp16)", du(jax_dir), s, rss))
+    for round_ in range(args.repeat):
+      for kind in ("copy", "copy+fsync"):
+        runs[kind].append(run(kind, src, work / "copy.pt", cold=args.cold))
+        (work / "copy.pt").unlink()
+      shutil.rmtree(jax_dir, ignore_errors=True)
+      out.unlink(missing_ok=True)
+      runs["torch-to-jax"].append(run("torch-to-jax", src, jax_dir, cold=args.cold))
+      runs["jax-to-torch"].append(run("jax-to-torch", jax_dir, out, cold=args.cold))
+      print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in runs.items()),
+            file=sys.stderr)
+    jax_bytes = du(jax_dir)
   finally:
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)
 
-  print(f"\n`python bench/convert.py --preset {args.preset}` on {platform.node() or 'host'}: "
-        f"{os.cpu_count()} CPUs, {_mem_gb():.0f} GB RAM, {platform.machine()}, "
-        f"checkpoint {size / 1e9:.2f} GB ({config.num_params() / 1e9:.2f}B params, fp16)\n")
-  print("| step | bytes | wall s | MB/s | time vs copy | vs copy+fsync | peak RSS | "
+  median = {step: statistics.median(s for s, _ in r) for step, r in runs.items()}
+  print(f"\n`python bench/convert.py --preset {args.preset} --repeat {args.repeat}"
+        f"{' --cold' if args.cold else ''}` on {platform.node() or 'host'}: "
+        f"{os.cpu_count()} CPUs, {_mem_gb():.0f} GB RAM, {platform.machine()}, checkpoint "
+        f"{size / 1e9:.2f} GB ({config.num_params() / 1e9:.2f}B params, fp16)\n")
+  print("| step | bytes | median s | rounds s | MB/s | time vs copy | vs copy+fsync | peak RSS | "
         "RSS / checkpoint |")
-  print("|---|---|---|---|---|---|---|---|")
-  for name, nbytes, seconds, rss in rows:
-    print(f"| {name} | {nbytes / 1e9:.2f} GB | {seconds:.1f} | {nbytes / 1e6 / seconds:.0f} | "
-          f"{seconds / copy_s:.2f}x | {seconds / sync_s:.2f}x | {rss / 1e6:.0f} MB | "
-          f"{100 * rss / size:.1f}% |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for step, r in runs.items():
+    nbytes = jax_bytes if step == "jax-to-torch" else size
+    seconds, rss = median[step], max(m for _, m in r)
+    print(f"| {STEPS[step]} | {nbytes / 1e9:.2f} GB | {seconds:.1f} | "
+          f"{' / '.join(f'{s:.1f}' for s, _ in r)} | {nbytes / 1e6 / seconds:.0f} | "
+          f"{seconds / median['copy']:.2f}x | {seconds / median['copy+fsync']:.2f}x | "
+          f"{rss / 1e6:.0f} MB | {100 * rss / size:.1f}% |")
 
 
 def _mem_gb() -> float:
