@@ -190,8 +190,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, query_input: Array, kv_input: Array, mask: Optional[Array],
-               kv_valid: Optional[Array]) -> Array:
-    """query_input, kv_input: [b, t, d]. mask: [b|1, 1, t, t] or None (causal). kv_valid: [b, t].
+               cache_index: Optional[Array] = None) -> Array:
+    """query_input, kv_input: [b, t, d]. mask: [b|1, 1, t, t] or None (causal); when decoding,
+    [b, 1, t, cache length] over the cache. cache_index: the cache slot of this call's first
+    token (decoding; None while the cache is being created).
 
     Returns [b, t, d].
     """
@@ -210,7 +212,7 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, axes)
 
     if self.decode:
-      k, v, mask = self._update_cache(k, v, kv_valid)
+      k, v = self._update_cache(k, v, cache_index)
 
     if cfg.attention == "dot_product":
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
@@ -222,39 +224,29 @@ class Attention(nn.Module):
         kernel_init=_init(cfg, ("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
         name="dense")(out)
 
-  def _update_cache(self, k: Array, v: Array, kv_valid: Array):
-    """Writes this chunk's keys/values at the cache index; returns the full cache and its mask.
+  def _update_cache(self, k: Array, v: Array, index: Optional[Array]):
+    """Writes this chunk's keys/values at slot `index`; returns the whole cache.
 
     Cache layout [b, max_len, n, h]: one dynamic_update_slice per step along the length axis, and
     the attention reads it in the same layout as the training path (no transposes per step).
+    Which slots hold real tokens, the write index and the mask are kept once for all layers
+    (`CodeGeeX._decode_mask`).
     """
     b, t, n, h = k.shape
-    is_init = not self.has_variable("cache", "cached_key")
     # On init the call's length is the cache length (see init_cache).
     cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, t, n, h), k.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, t, n, h), v.dtype)
-    valid = self.variable("cache", "key_valid", jnp.zeros, (b, t), jnp.bool_)
-    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    if is_init:
-      mask = _causal_segment_mask(kv_valid.astype(jnp.int32), t)
-      return k, v, mask
-    max_len = cached_k.value.shape[1]
-    i = index.value
+    if index is None:
+      return k, v
     zero = jnp.zeros((), jnp.int32)
     cache_axes = ("batch", "cache_length", "act_heads", "kv")
     cached_k.value = nn.with_logical_constraint(
         jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype),
-                                     (zero, i, zero, zero)), cache_axes)
+                                     (zero, index, zero, zero)), cache_axes)
     cached_v.value = nn.with_logical_constraint(
         jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype),
-                                     (zero, i, zero, zero)), cache_axes)
-    valid.value = jax.lax.dynamic_update_slice(valid.value, kv_valid.astype(jnp.bool_), (zero, i))
-    index.value = i + t
-    # Query j of this chunk sits at slot i + j and sees valid slots <= i + j.
-    slots = jnp.arange(max_len, dtype=jnp.int32)
-    causal = slots[None, :] <= (i + jnp.arange(t, dtype=jnp.int32))[:, None]  # [t, s]
-    mask = causal[None, None] & valid.value[:, None, None, :]                 # [b, 1, t, s]
-    return cached_k.value, cached_v.value, mask
+                                     (zero, index, zero, zero)), cache_axes)
+    return cached_k.value, cached_v.value
 
 
 def _xla_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
@@ -292,12 +284,12 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, h: Array, mask: Optional[Array], kv_valid: Optional[Array],
+  def __call__(self, h: Array, mask: Optional[Array], cache_index: Optional[Array],
                query_input: Optional[Array] = None):
     cfg = self.config
     x = layer_norm(cfg, "input_layernorm", h)
     q_in = x if query_input is None else query_input
-    a = Attention(cfg, decode=self.decode, name="attention")(q_in, x, mask, kv_valid)
+    a = Attention(cfg, decode=self.decode, name="attention")(q_in, x, mask, cache_index)
     h = h + nn.Dropout(cfg.dropout_rate)(a, deterministic=self.deterministic)
     m = MLP(cfg, name="mlp")(layer_norm(cfg, "post_attention_layernorm", h))
     h = h + nn.Dropout(cfg.dropout_rate)(m, deterministic=self.deterministic)
@@ -328,9 +320,9 @@ class CodeGeeX(nn.Module):
                   else (segment_ids != 0).astype(jnp.int32))
       if positions is None:
         positions = self._decode_positions(kv_valid)
-      mask = None  # built from the cache inside each attention
+      mask, cache_index = self._decode_mask(kv_valid)
     else:
-      kv_valid = None
+      cache_index = None
       if positions is None:
         positions = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
                      if segment_ids is None else positions_from_segments(segment_ids))
@@ -355,17 +347,17 @@ class CodeGeeX(nn.Module):
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       h, _ = stack(cfg, decode=decode, deterministic=deterministic, name="layers")(
-          h, mask, kv_valid)
+          h, mask, cache_index)
     else:
       for i in range(cfg.num_layers):
         h, _ = block(cfg, decode=decode, deterministic=deterministic, name=f"layers_{i}")(
-            h, mask, kv_valid)
+            h, mask, cache_index)
 
     h = layer_norm(cfg, "final_layernorm", h)
     top_query = embed(cfg.max_position, embedding_init=_init(cfg, (None, "embed")),
                       name="top_query_embeddings")(positions)
     h, _ = Block(cfg, decode=decode, deterministic=deterministic, name="top_query_layer")(
-        h, mask, kv_valid, query_input=top_query)
+        h, mask, cache_index, query_input=top_query)
 
     if only_last:
       h = h[:, -1:]
@@ -373,6 +365,29 @@ class CodeGeeX(nn.Module):
     logits = jnp.einsum("btd,vd->btv", h, word.embedding.astype(dtype),
                         preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+  def _decode_mask(self, kv_valid: Array) -> tuple[Array, Optional[Array]]:
+    """(attention mask [b, 1, t, cache length], cache slot of this call's first token) for a
+    decode call; records which slots hold real tokens (`kv_valid` [b, t]: 0 = left padding).
+
+    Kept here once rather than in every layer's cache: per decode step it is one small update
+    and one mask for all layers. While the cache is created (init) the slot is None.
+    """
+    b, t = kv_valid.shape
+    is_init = not self.has_variable("cache", "key_valid")
+    # On init the call's length is the cache length (see init_cache).
+    valid = self.variable("cache", "key_valid", jnp.zeros, (b, t), jnp.bool_)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if is_init:
+      return _causal_segment_mask(kv_valid, t), None
+    i = index.value
+    valid.value = jax.lax.dynamic_update_slice(valid.value, kv_valid.astype(jnp.bool_),
+                                               (jnp.zeros((), jnp.int32), i))
+    index.value = i + t
+    # Query j of this call sits at slot i + j and sees the valid slots <= i + j.
+    slots = jnp.arange(valid.value.shape[1], dtype=jnp.int32)
+    causal = slots[None, :] <= (i + jnp.arange(t, dtype=jnp.int32))[:, None]  # [t, s]
+    return causal[None, None] & valid.value[:, None, None, :], i                # [b, 1, t, s]
 
   def _decode_positions(self, kv_valid: Array) -> Array:
     """Per-row positions in decode mode: a running count of real tokens, skipping padding."""
