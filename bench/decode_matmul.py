@@ -66,13 +66,10 @@ def candidates(rows: int, k: int, n: int) -> list[I.Tiling]:
   for bn in (64, 128, 256):
     if n % bn:
       continue
-    for splits in (1, 2, 4, 5, 8, 10, 16, 20, 32, 40):
-      chunk, rem = divmod(k, splits)
-      programs = (n // bn) * splits
-      if rem or not I.is_pow2(chunk) or not 192 <= programs <= 1800:
-        continue
-      out.append(I.Tiling(block_n=bn, k_splits=splits, block_k=min(128 if rows == 1 else 64,
-                                                                    chunk)))
+    for splits in I.k_splits_for(k):
+      if 192 <= (n // bn) * splits <= 1800:
+        out.append(I.Tiling(block_n=bn, k_splits=splits,
+                            block_k=min(128 if rows == 1 else 64, k // splits)))
   return out
 
 

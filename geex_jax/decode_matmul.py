@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
-
 import math
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -67,17 +66,22 @@ def row_bucket(m: int) -> int:
   return max(16, 1 << (m - 1).bit_length())
 
 
+def k_splits_for(k: int) -> list[int]:
+  """The k_splits that cut K into equal power-of-two chunks (the kernel's requirement), fewest
+  first. Both default_tiling and the tiling sweep (bench/decode_matmul.py) choose from these."""
+  return [s for s in (1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 64)
+          if k % s == 0 and is_pow2(k // s)]
+
+
 def default_tiling(m: int, k: int, n: int) -> Optional[Tiling]:
   """A tiling that divides the shape exactly with enough programs, or None (use XLA)."""
   block_n = 128
   if n % block_n:
     return None
   columns = n // block_n
-  for splits in (1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 64):
-    chunk, rem = divmod(k, splits)
-    if rem or not is_pow2(chunk) or chunk < 64:
-      continue
-    if columns * splits >= _TARGET_PROGRAMS or chunk == 64:
+  for splits in k_splits_for(k):
+    chunk = k // splits
+    if chunk >= 64 and (columns * splits >= _TARGET_PROGRAMS or chunk == 64):
       return Tiling(block_n=block_n, k_splits=splits, block_k=min(128, chunk))
   return None
 
@@ -242,3 +246,15 @@ def linear_interceptor(impl: str = "auto"):
     return y.astype(dtype).reshape(*batch_shape, *features)
 
   return intercept
+
+
+def apply(model: nn.Module, variables: Any, *args, matmul_impl: str = "auto", **kwargs):
+  """`model.apply(variables, ...)` with the blocks' linears computed here: quantized ones (int8
+  `kernel_q` + `scale`) always, float ones where `matmul_impl` picks the kernel for their shape.
+  Without either it is plain `model.apply`.
+
+  matmul_impl: one of IMPLEMENTATIONS ("auto", "pallas", "xla").
+  """
+  with nn.intercept_methods(linear_interceptor(matmul_impl)):
+    return model.apply(variables, *args, **kwargs)
+

@@ -6,7 +6,7 @@ attention dense, dense_h_to_4h and dense_4h_to_h kernels of every ordinary layer
 query layer. Embeddings, LayerNorms and biases keep their dtype (W8A16 compute).
 
 A quantized linear stores `kernel_q` (int8, the kernel's shape) and `scale` (fp32, the kernel's
-output axes) in place of `kernel`. The model code is unchanged: `quantized_apply` runs
+output axes) in place of `kernel`. The model code is unchanged: `decode_matmul.apply` runs
 `CodeGeeX.apply` under decode_matmul's interceptor, which computes such a Dense / DenseGeneral as
 `(x @ Wq) * scale + bias` (exact: the scale is constant along the contracted axes): XLA's dot on
 a widened Wq, or on a GPU at decode shapes a Pallas kernel that streams the int8 bytes once.
@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from geex_jax import decode_matmul
 from geex_jax import model as M
 
 # Linear modules that get quantized (paths inside one block) and how many leading kernel axes
@@ -105,16 +103,6 @@ def quantized_logical_specs(config: M.CodeGeeXConfig) -> Any:
       block[group] = {**block[group], linear: layer}
     out[name] = block
   return out
-
-
-def quantized_apply(model: nn.Module, variables: Any, *args, matmul_impl: str = "auto",
-                    **kwargs):
-  """`model.apply(variables, ...)` that understands quantized linears (a no-op otherwise).
-
-  matmul_impl: how the linears' products run, one of decode_matmul.IMPLEMENTATIONS.
-  """
-  with nn.intercept_methods(decode_matmul.linear_interceptor(matmul_impl)):
-    return model.apply(variables, *args, **kwargs)
 
 
 def params_bytes(params: Any) -> int:

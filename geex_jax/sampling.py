@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geex_jax import languages, stop_rules
+from geex_jax import decode_matmul, languages, stop_rules
 from geex_jax import model as M
 from geex_jax import quantization
 from geex_jax.errors import InputError
@@ -324,7 +324,7 @@ _LENGTH, _EOS, _RULE, _STOP = range(4)
 def _apply(spec: DecodeSpec, params, cache, tokens, segment_ids=None):
   """One decode-mode forward. tokens: [B, t] -> (logits [B, V] fp32 of the last position, cache)."""
   model = M.CodeGeeX(spec.config)
-  logits, state = quantization.quantized_apply(
+  logits, state = decode_matmul.apply(
       model, {"params": params, "cache": cache}, tokens, segment_ids=segment_ids, decode=True,
       only_last=True, mutable=["cache"], matmul_impl=spec.matmul)
   logits = logits[:, 0]

@@ -67,7 +67,7 @@ def test_quantized_decode_with_the_kernel_matches_xla():
   cache = M.init_cache(cfg, 1, 8, jnp.bfloat16)
   outs = {}
   for impl in ("xla", "pallas"):
-    logits, _ = Q.quantized_apply(model, {"params": params, "cache": cache}, tokens, decode=True,
+    logits, _ = I.apply(model, {"params": params, "cache": cache}, tokens, decode=True,
                                   mutable=["cache"], matmul_impl=impl)
     outs[impl] = np.asarray(logits, np.float32)
   np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=2e-2)
@@ -100,7 +100,7 @@ def test_float_linears_use_the_kernel_only_when_asked_or_measured(monkeypatch):
   monkeypatch.setattr(I, "pallas_matmul", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
 
   def logits(impl):
-    out, _ = Q.quantized_apply(model, {"params": params, "cache": cache}, tokens, decode=True,
+    out, _ = I.apply(model, {"params": params, "cache": cache}, tokens, decode=True,
                                mutable=["cache"], matmul_impl=impl)
     return np.asarray(out, np.float32)
 
