@@ -246,7 +246,6 @@ def _lazy_handler(on_bytes, budget: int):
                             f"expected {sink.dtype}{list(sink.piece_shape)}")
     return data
 
-
   class LazyArrayHandler(type_handlers.NumpyHandler):
     # typestr() stays "np.ndarray": the checkpoint's metadata then names the stock NumpyHandler,
     # so restoring needs nothing from this module.
