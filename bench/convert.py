@@ -12,10 +12,11 @@ steps, each in its own process:
   torch-to-jax  geex-convert torch-to-jax SRC DST            (bf16, the default)
   jax-to-torch  geex-convert jax-to-torch DST OUT.pt         (fp16, the default)
 and reports each step's median: on a shared VM a plain copy of the same 5.3 GB has taken
-anywhere from 2.4 to 6.2 s. With --cold every step's input is dropped from the page cache
+anywhere from 1.6 to 8.3 s. With --cold every step's input is dropped from the page cache
 first (posix_fadvise DONTNEED), so each reads it from disk, as the conversion of a freshly
 downloaded checkpoint does; without it the inputs are mostly cached (just written or read).
-Peak RSS is the child's VmHWM (its imports included). All files are removed at the end unless
+Peak RSS is the child's VmHWM and CPU s its user + system time (imports included; the
+kernel's writeback threads are not counted). All files are removed at the end unless
 --keep. Prints a Markdown table for BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -53,7 +54,8 @@ else:
   cli.main(sys.argv[1:] + ["--no-progress"])
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec() from the (larger) parent.
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print("BENCH", time.perf_counter() - t, hwm)
+ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+print("BENCH", time.perf_counter() - t, hwm, ru.ru_utime + ru.ru_stime)
 """
 
 
@@ -76,8 +78,8 @@ def write_synthetic(path: pathlib.Path, config: CodeGeeXConfig) -> int:
   return path.stat().st_size
 
 
-def run(*argv, cold: bool = False) -> tuple[float, int]:
-  """Runs one step in a fresh process; returns (seconds, peak RSS bytes)."""
+def run(*argv, cold: bool = False) -> tuple[float, int, float]:
+  """Runs one step in a fresh process; returns (seconds, peak RSS bytes, CPU seconds)."""
   if cold:
     evict(pathlib.Path(argv[1]))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
@@ -86,11 +88,11 @@ def run(*argv, cold: bool = False) -> tuple[float, int]:
   if proc.returncode:
     raise SystemExit(f"step {argv[0]} failed:\n{proc.stderr[-3000:]}")
   line = next(l for l in proc.stdout.splitlines() if l.startswith("BENCH"))
-  _, seconds, rss = line.split()
+  _, seconds, rss, cpu = line.split()
   for l in proc.stdout.splitlines():
     if not l.startswith("BENCH"):
       print("  " + l, file=sys.stderr)
-  return float(seconds), int(rss)
+  return float(seconds), int(rss), float(cpu)
 
 
 def evict(path: pathlib.Path) -> None:
@@ -150,20 +152,21 @@ def main():
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)
 
-  median = {step: statistics.median(s for s, _ in r) for step, r in runs.items()}
+  median = {step: statistics.median(s for s, _, _ in r) for step, r in runs.items()}
   print(f"\n`python bench/convert.py --preset {args.preset} --repeat {args.repeat}"
         f"{' --cold' if args.cold else ''}` on {platform.node() or 'host'}: "
         f"{os.cpu_count()} CPUs, {_mem_gb():.0f} GB RAM, {platform.machine()}, checkpoint "
         f"{size / 1e9:.2f} GB ({config.num_params() / 1e9:.2f}B params, fp16)\n")
-  print("| step | bytes | median s | rounds s | MB/s | time vs copy | vs copy+fsync | peak RSS | "
-        "RSS / checkpoint |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| step | bytes | median s | rounds s | MB/s | time vs copy | vs copy+fsync | CPU s | "
+        "peak RSS | RSS / checkpoint |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for step, r in runs.items():
     nbytes = jax_bytes if step == "jax-to-torch" else size
-    seconds, rss = median[step], max(m for _, m in r)
+    seconds, rss = median[step], max(m for _, m, _ in r)
+    cpu = statistics.median(c for _, _, c in r)
     print(f"| {STEPS[step]} | {nbytes / 1e9:.2f} GB | {seconds:.1f} | "
-          f"{' / '.join(f'{s:.1f}' for s, _ in r)} | {nbytes / 1e6 / seconds:.0f} | "
-          f"{seconds / median['copy']:.2f}x | {seconds / median['copy+fsync']:.2f}x | "
+          f"{' / '.join(f'{s:.1f}' for s, _, _ in r)} | {nbytes / 1e6 / seconds:.0f} | "
+          f"{seconds / median['copy']:.2f}x | {seconds / median['copy+fsync']:.2f}x | {cpu:.1f} | "
           f"{rss / 1e6:.0f} MB | {100 * rss / size:.1f}% |")
 
 
