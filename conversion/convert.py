@@ -432,14 +432,18 @@ def _np_dtype(name: str, allowed) -> np.dtype:
 # --- jax -> torch ----------------------------------------------------------------------------
 
 
+def _stored_leaf(stored: checkpoints.StoredParams, flax_path: str) -> tuple[tuple, Optional[int]]:
+  """(stored leaf key, layer index or None) of an unscanned flax path, in the stored layout."""
+  scanned = any(keys[0] == "layers" for keys in stored.leaves)
+  path, index = table.scanned_path(flax_path) if scanned else (flax_path, None)
+  return tuple(path.split("/")), index
+
+
 def _stored_reader(stored: checkpoints.StoredParams, config: CodeGeeXConfig):
   """Checks the stored leaves against `config`; returns read(flax_path) -> future array."""
-  scanned = any(keys[0] == "layers" for keys in stored.leaves)
-  shapes = flax_shapes(config)
   want: dict[tuple, tuple] = {}
-  for path, shape in shapes.items():
-    spath, index = table.scanned_path(path) if scanned else (path, None)
-    keys = tuple(spath.split("/"))
+  for path, shape in flax_shapes(config).items():
+    keys, index = _stored_leaf(stored, path)
     want[keys] = shape if index is None else (config.num_layers, *shape)
   if set(want) != set(stored.leaves):
     diff = sorted("/".join(k) for k in set(want).symmetric_difference(stored.leaves))
@@ -453,16 +457,13 @@ def _stored_reader(stored: checkpoints.StoredParams, config: CodeGeeXConfig):
 
   def read(flax_path: str):
     """Starts reading a leaf (or one layer of it); `.result()` is the numpy array."""
-    path, index = table.scanned_path(flax_path) if scanned else (flax_path, None)
-    return stored.read_async(tuple(path.split("/")), index)
+    return stored.read_async(*_stored_leaf(stored, flax_path))
 
   return read
 
 
 def _stored_dtype(stored: checkpoints.StoredParams, flax_path: str) -> np.dtype:
-  scanned = any(keys[0] == "layers" for keys in stored.leaves)
-  path = table.scanned_path(flax_path)[0] if scanned else flax_path
-  return np.dtype(stored.leaves[tuple(path.split("/"))].dtype.numpy_dtype)
+  return np.dtype(stored.leaves[_stored_leaf(stored, flax_path)[0]].dtype.numpy_dtype)
 
 
 def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", shards: int = 1,

@@ -1,19 +1,17 @@
 """Streaming access to released-layout PyTorch checkpoints: read them lazily, write them per tensor.
 
 Reading: `TorchSource` opens a single file or a directory of `mp_rank_XX_model_states.pt` shards
-with `torch.load(mmap=True, weights_only=True)`, validates the nesting, names and shard structure from metadata alone (no tensor data is touched),
-and then hands out one canonical released tensor at a time (fused Q/K/V split apart,
-model-parallel parts merged per `table.SPLIT_RULES`). The file is memory-mapped and the mapped
-pages of a tensor are dropped again once it has been copied, so the process's resident set stays
-about one tensor large however big the file is.
+with `torch.load(mmap=True, weights_only=True)`, validates the nesting, names and shard structure
+from metadata alone (no tensor data is touched), and then hands out one canonical released tensor
+at a time (fused Q/K/V split apart, model-parallel parts merged per `table.SPLIT_RULES`). The
+mapped pages of a tensor are dropped again once it has been copied, so the process's resident set
+stays about one tensor large however big the file is.
 
 Writing: `TorchZipWriter` writes the same zip format as `torch.save` (identical `data.pkl`, one
 aligned record per storage) but pickles placeholders first and produces each tensor's bytes only
-when its record is written, so a state dict never has to exist in memory.
-
-Reading is `torch.load(mmap=True, weights_only=True)`. The writer does not need torch: it emits
-torch.save's pickle and zip records itself (torch has no per-tensor streaming writer), so
-jax-to-torch never imports torch (about a second, an eighth of a 2.7B conversion).
+when its record is written, so a state dict never has to exist in memory. It does not need torch
+(torch has no per-tensor streaming writer): jax-to-torch never imports it (about a second, an
+eighth of a 2.7B conversion).
 """
 from __future__ import annotations
 
@@ -140,16 +138,12 @@ def _flatten(checkpoint, path: pathlib.Path) -> dict:
 
 
 def _is_tensor(value) -> bool:
-  torch = sys.modules.get("torch")  # a torch tensor exists only if torch.load was used
-  return isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor))
+  import torch  # already imported by _load
+  return isinstance(value, torch.Tensor)
 
 
 def to_numpy(t) -> np.ndarray:
-  """A numpy view of a CPU tensor (no copy), bf16 included; numpy arrays pass through."""
-  if isinstance(t, np.ndarray):
-    if t.dtype not in _STORAGE_TYPE:
-      raise CheckpointError(f"unsupported tensor dtype {t.dtype} (expected fp32, fp16 or bf16)")
-    return t
+  """A numpy view of a CPU torch tensor (no copy), bf16 included."""
   dtype = numpy_dtype(t.dtype)
   if dtype == np.dtype(ml_dtypes.bfloat16):
     import torch

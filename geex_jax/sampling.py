@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geex_jax import decode_matmul, languages, stop_rules
-from geex_jax.stop_automata import (RULE_NONE, RULE_TOP_LEVEL, RuleTables, rule_initial_state,
+from geex_jax.stop_automata import (NO_RULE, RULE_TOP_LEVEL, RuleTables, rule_initial_state,
                                     rule_step, rule_tables)
 from geex_jax import model as M
 from geex_jax import quantization
@@ -366,13 +366,11 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
   """
   validate_sampling(sampling.temperature, sampling.top_k, sampling.top_p,
                     max_new_tokens=max_new_tokens, num_samples=num_samples)
-  rule = rule or RuleTables(RULE_NONE, np.zeros((1, 1), np.int32))
+  rule = rule or NO_RULE
   if not (isinstance(steps_per_loop, (int, np.integer)) and steps_per_loop >= 1):
     raise InputError(f"steps_per_loop must be an integer >= 1, got {steps_per_loop}")
   if max(len(q) for q in prompts) + max_new_tokens + steps_per_loop - 1 > config.max_position:
-    steps_per_loop = 1
-  prompt, segments = pad_prompts(prompts, max_new_tokens + steps_per_loop - 1,
-                                 config.max_position, max(eos_id, 0))
+    steps_per_loop = 1  # no room for the inner loop's overrun (DecodeSpec.room)
   p, n = len(prompts), num_samples
   b = p * n
   vocab_limit = config.vocab_size if vocab_limit is None else min(vocab_limit, config.vocab_size)
@@ -381,6 +379,7 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
                     use_top_p=sampling.top_p < 1.0, eos_id=eos_id, vocab_limit=vocab_limit,
                     rule=rule.kind, quantized=quantization.is_quantized(params),
                     matmul=matmul, steps_per_loop=int(steps_per_loop))
+  prompt, segments = pad_prompts(prompts, spec.room, config.max_position, max(eos_id, 0))
   at_line_start = [True] * p if at_line_start is None else list(at_line_start)
   rule_init = np.repeat([rule_initial_state(rule.kind, a) for a in at_line_start], n)
   row_ids = np.arange(b) if row_ids is None else np.asarray(row_ids)
@@ -566,7 +565,7 @@ def beam_search_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Seq
   length_penalty alpha: score = sum log p / (generated tokens incl. EOS) ** alpha (0: raw sum).
   """
   validate_sampling(beam=width, max_new_tokens=max_new_tokens)
-  rule = rule or RuleTables(RULE_NONE, np.zeros((1, 1), np.int32))
+  rule = rule or NO_RULE
   prompt, segments = pad_prompts(prompts, max_new_tokens, config.max_position, max(eos_id, 0))
   vocab_limit = config.vocab_size if vocab_limit is None else min(vocab_limit, config.vocab_size)
   if width > vocab_limit:

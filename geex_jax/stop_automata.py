@@ -57,6 +57,9 @@ class RuleTables:
   table: np.ndarray
 
 
+NO_RULE = RuleTables(RULE_NONE, np.zeros((1, 1), np.int32))  # a language without a stop rule
+
+
 def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
   """UTF-8 bytes of every id < vocab_size (b"" for ids the tokenizer cannot decode and for EOS).
 
@@ -82,7 +85,7 @@ def rule_tables(tokenizer, stop_rule: Optional[str], vocab_size: int) -> RuleTab
   """The device tables of a registry stop rule ("top_level", "brace" or None) for a tokenizer."""
   kind = stop_rule or RULE_NONE
   if kind == RULE_NONE:
-    return RuleTables(RULE_NONE, np.zeros((1, 1), np.int32))
+    return NO_RULE
   key = (id(tokenizer), kind, vocab_size)
   if key in _RULE_CACHE:
     return _RULE_CACHE[key][1]
