@@ -9,6 +9,9 @@ steps, each in its own process:
   copy          shutil.copyfile of that file (the I/O floor for reading + writing those bytes),
                 once as is and once with an fsync at the end (the converter syncs its output
                 before renaming it into place)
+  cast-only     with --floor: one jitted fp16 -> bf16 cast over the file's bytes, written and
+                synced: the least work of any conversion to bf16 (no transposes, no torch,
+                serial; its RSS counts the mapped input, which it never drops)
   torch-to-jax  geex-convert torch-to-jax SRC DST            (bf16, the default)
   jax-to-torch  geex-convert jax-to-torch DST OUT.pt         (fp16, the default)
 and reports each step's median: on a shared VM a plain copy of the same 5.3 GB has taken
@@ -49,6 +52,21 @@ if sys.argv[1] in ("copy", "copy+fsync"):
   if sys.argv[1] == "copy+fsync":
     with open(sys.argv[3], "rb") as f:
       os.fsync(f.fileno())
+elif sys.argv[1] == "cast-only":
+  # The least work any fp16 -> bf16 conversion does: one jitted cast over the file's bytes, in
+  # 50 MB chunks of the memory-mapped input, plain writes, one after the other; no transposes,
+  # no torch, no checkpoint structure, no overlap of reading, casting and writing.
+  import jax, jax.numpy as jnp, numpy as np
+  n = os.path.getsize(sys.argv[2]) // 2
+  src = np.memmap(sys.argv[2], np.float16, "r", shape=(n,))
+  cast = jax.jit(lambda x: x.astype(jnp.bfloat16))
+  step = 25 << 20
+  with open(sys.argv[3], "wb") as f:
+    for i in range(0, n - step + 1, step):
+      f.write(np.asarray(cast(src[i:i + step])).view(np.uint8))
+    f.write(np.asarray(cast(src[n - n % step:])).view(np.uint8))
+    f.flush()
+    os.fsync(f.fileno())
 else:
   from conversion import cli
   cli.main(sys.argv[1:] + ["--no-progress"])
@@ -115,6 +133,7 @@ def du(path: pathlib.Path) -> int:
 
 
 STEPS = {"copy": "copy (shutil.copyfile)", "copy+fsync": "copy+fsync (shutil.copyfile, fsync)",
+         "cast-only": "cast-only (one jitted fp16 -> bf16 pass, fsync)",
          "torch-to-jax": "torch-to-jax (fp16 -> bf16)",
          "jax-to-torch": "jax-to-torch (bf16 -> fp16)"}
 
@@ -126,11 +145,13 @@ def main():
   parser.add_argument("--repeat", type=int, default=3, help="rounds of all steps (default 3)")
   parser.add_argument("--cold", action="store_true",
                       help="drop each step's input from the page cache before it runs")
+  parser.add_argument("--floor", action="store_true",
+                      help="also time a bare jitted fp16 -> bf16 cast of the file (cast-only)")
   parser.add_argument("--keep", action="store_true")
   args = parser.parse_args()
   config = CodeGeeXConfig.preset(args.preset)
   work = pathlib.Path(tempfile.mkdtemp(prefix="geex-convert-bench-", dir=args.workdir))
-  runs: dict[str, list] = {step: [] for step in STEPS}
+  runs: dict[str, list] = {step: [] for step in STEPS if step != "cast-only" or args.floor}
   try:
     src, jax_dir, out = work / "src.pt", work / "jax", work / "out.pt"
     t = time.perf_counter()
@@ -138,7 +159,7 @@ def main():
     print(f"synthetic {args.preset} checkpoint: {size / 1e9:.2f} GB in "
           f"{time.perf_counter() - t:.0f} s", file=sys.stderr)
     for round_ in range(args.repeat):
-      for kind in ("copy", "copy+fsync"):
+      for kind in ("copy", "copy+fsync") + (("cast-only",) if args.floor else ()):
         runs[kind].append(run(kind, src, work / "copy.pt", cold=args.cold))
         (work / "copy.pt").unlink()
       shutil.rmtree(jax_dir, ignore_errors=True)
@@ -154,7 +175,7 @@ def main():
 
   median = {step: statistics.median(s for s, _, _ in r) for step, r in runs.items()}
   print(f"\n`python bench/convert.py --preset {args.preset} --repeat {args.repeat}"
-        f"{' --cold' if args.cold else ''}` on {platform.node() or 'host'}: "
+        f"{' --cold' if args.cold else ''}{' --floor' if args.floor else ''}` on {platform.node() or 'host'}: "
         f"{os.cpu_count()} CPUs, {_mem_gb():.0f} GB RAM, {platform.machine()}, checkpoint "
         f"{size / 1e9:.2f} GB ({config.num_params() / 1e9:.2f}B params, fp16)\n")
   print("| step | bytes | median s | rounds s | MB/s | time vs copy | vs copy+fsync | CPU s | "

@@ -1,0 +1,45 @@
+"""What one compiled decode step is made of: cache leaves, fusions, dynamic-update-slices.
+
+  python bench/decode_ops.py --preset tiny --layers 8
+
+Compiles a one-token decode step (unrolled layers, as the sampler runs them) for the host
+backend and counts its HLO. A proxy for the small kernels per step on an accelerator, where each
+fusion is a kernel launch; compare two versions of the model on the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from geex_jax import model as M  # noqa: E402
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--preset", default="tiny")
+  ap.add_argument("--layers", type=int, default=8, help="ordinary layers (+ the top query layer)")
+  ap.add_argument("--cache_len", type=int, default=128)
+  args = ap.parse_args()
+  cfg = M.CodeGeeXConfig.preset(args.preset, scan_layers=False, num_layers=args.layers)
+  params = M.init_params(cfg, jax.random.key(0))
+  cache = M.init_cache(cfg, 1, args.cache_len)
+
+  def step(params, cache, token):
+    logits, state = M.CodeGeeX(cfg).apply({"params": params, "cache": cache}, token,
+                                          decode=True, mutable=["cache"])
+    return logits, state["cache"]
+
+  hlo = jax.jit(step).lower(params, cache, jnp.zeros((1, 1), jnp.int32)).compile().as_text()
+  print(f"{args.preset}, {args.layers}+1 layers, {jax.default_backend()}: "
+        f"cache leaves {len(jax.tree.leaves(cache))}, fusions {hlo.count(' fusion(')}, "
+        f"dynamic-update-slices {hlo.count('dynamic-update-slice(')}")
+
+
+if __name__ == "__main__":
+  main()
