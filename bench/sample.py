@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from geex_jax import model as M  # noqa: E402
 from geex_jax import quantization as Q  # noqa: E402
-from geex_jax import sampling as S  # noqa: E402
+from geex_jax import decoding as D  # noqa: E402
+from geex_jax.stop_automata import NO_RULE  # noqa: E402
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -77,7 +78,7 @@ def cpu_preset(name: str, batches, prompt_len: int, new_tokens: int, repeats: in
     ids = prompt.tolist()
 
     def jax_run(p):
-      return S.generate_ids(cfg, p, ids, max_new_tokens=new_tokens, eos_id=-1)
+      return D.generate_ids(cfg, p, ids, max_new_tokens=new_tokens, eos_id=-1)
 
     def torch_run():
       with torch.no_grad():
@@ -111,10 +112,10 @@ def weight_bytes_per_token(params) -> int:
 
 
 def _decode_fn(spec, params, cache, carry, args, options):
-  """S._decode_chunk, compiled with extra XLA options when given (same process, same weights)."""
+  """D.decode_chunk, compiled with extra XLA options when given (same process, same weights)."""
   if not options:
-    return lambda *xs: S._decode_chunk(spec, *xs)
-  return S._decode_chunk.lower(spec, params, cache, carry, *args).compile(
+    return lambda *xs: D.decode_chunk(spec, *xs)
+  return D.decode_chunk.lower(spec, params, cache, carry, *args).compile(
       compiler_options=options)
 
 
@@ -147,18 +148,18 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
     for b in bs:
       t_start = time.perf_counter()
       ids = np.random.RandomState(0).randint(0, 50000, size=(b, prompt_len))
-      prompt, segments = S.pad_prompts(ids.tolist(), new_tokens + loop - 1, cfg.max_position, 0)
-      spec = S.DecodeSpec(config=cfg, num_samples=1, max_new_tokens=new_tokens, greedy=True,
+      prompt, segments = D.pad_prompts(ids.tolist(), new_tokens + loop - 1, cfg.max_position, 0)
+      spec = D.DecodeSpec(config=cfg, num_samples=1, max_new_tokens=new_tokens, greedy=True,
                           top_k=0, use_top_p=False, eos_id=-1, vocab_limit=cfg.vocab_size,
-                          rule=S.RULE_NONE, quantized=quantize,
+                          rule=NO_RULE.kind, quantized=quantize,
                           matmul=impl if not options else "xla", steps_per_loop=loop)
-      table = jnp.zeros((1, 1), jnp.int32)
+      table = jnp.asarray(NO_RULE.table)
       args = (jnp.asarray(prompt), jnp.asarray(segments), jnp.arange(b, dtype=jnp.int32), 0,
               jnp.zeros((b,), jnp.int32), jnp.float32(1.0), jnp.float32(1.0), table)
       rest = (jnp.int32(new_tokens), jnp.zeros((b,), bool), jnp.float32(1.0), jnp.float32(1.0),
               table)
       try:
-        cache, carry = S._start(spec, params, *args)
+        cache, carry = D.prefill(spec, params, *args)
         decode = _decode_fn(spec, params, cache, carry, rest, options)
         del cache, carry
       except Exception as e:  # noqa: BLE001 - report the variant and go on with the others
@@ -168,7 +169,7 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
 
       def run():
         t0 = time.perf_counter()
-        cache, carry = jax.block_until_ready(S._start(spec, params, *args))
+        cache, carry = jax.block_until_ready(D.prefill(spec, params, *args))
         t1 = time.perf_counter()
         cache, carry = jax.block_until_ready(decode(params, cache, carry, *rest))
         t2 = time.perf_counter()

@@ -64,7 +64,7 @@ class Variant:
                                       vocab_size=min(config.vocab_size, 512), max_doc=seq_len)
     self.data = {k: jax.device_put(v, batch_sh) for k, v in next(source).items()}
     self.mesh = mesh
-    with train.mesh_context(mesh):
+    with partitioning.mesh_context(mesh):
       self.step = jax.jit(
           train.make_train_step(
               config, optimizer, lambda s: 1e-4, microbatches=microbatches,
@@ -83,7 +83,7 @@ class Variant:
 
   def time(self, steps: int) -> float:
     """Seconds per step over `steps` steps (the first call includes compilation)."""
-    with train.mesh_context(self.mesh):
+    with partitioning.mesh_context(self.mesh):
       t0 = time.perf_counter()
       for _ in range(steps):
         self.state, metrics = self.step(self.state, self.data, self.rng)

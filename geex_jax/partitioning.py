@@ -5,7 +5,9 @@ optimizer state sharded, ZeRO-3 style), `model` (tensor parallel: heads, MLP and
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -93,3 +95,19 @@ def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
 def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
   """Context manager activating the rules for nn.with_logical_constraint inside the model."""
   return nn.logical_axis_rules(list(rules))
+
+
+def mesh_context(mesh: Optional[Mesh]) -> contextlib.ExitStack:
+  """`with mesh, axis_rules():` for the model's logical constraints (nothing for mesh=None).
+
+  flax's logical constraints need the legacy `with mesh:` resource env (under jax.set_mesh they
+  resolve against an abstract mesh and fail); jax deprecates it, so its warning is silenced here.
+  """
+  stack = contextlib.ExitStack()
+  if mesh is None:
+    return stack
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    stack.enter_context(mesh)
+  stack.enter_context(axis_rules())
+  return stack

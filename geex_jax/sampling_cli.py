@@ -98,14 +98,14 @@ def read_tasks(path: str, language: Optional[str]) -> list[dict]:
 
 
 def _check_args(a) -> None:
-  from geex_jax import languages, sampling
+  from geex_jax import languages, token_sampling
   if a.beam is not None and (a.temperature is not None or a.top_k or a.top_p != 1.0):
     raise InputError("--beam cannot be combined with --temperature/--top_k/--top_p")
   if a.greedy and (a.temperature is not None or a.top_k or a.top_p != 1.0):
     raise InputError("--greedy cannot be combined with --temperature/--top_k/--top_p")
-  sampling.validate_sampling(1.0 if a.temperature is None else a.temperature, a.top_k, a.top_p,
-                             beam=a.beam, max_new_tokens=a.max_new_tokens,
-                             num_samples=a.num_samples)
+  token_sampling.validate_sampling(
+      1.0 if a.temperature is None else a.temperature, a.top_k, a.top_p, beam=a.beam,
+      max_new_tokens=a.max_new_tokens, num_samples=a.num_samples)
   if a.beam is not None and a.num_samples > a.beam:
     raise InputError(f"--num_samples {a.num_samples} exceeds --beam {a.beam}")
   if a.language is not None:

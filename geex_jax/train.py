@@ -13,7 +13,6 @@ part of the checkpoint and the dropout key is a function of the step).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +22,6 @@ import pathlib
 import signal
 import sys
 import time
-import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import gin
@@ -44,20 +42,6 @@ METRICS_FILE = "metrics.jsonl"
 
 # The model config is built from gin (`MODEL = @CodeGeeXConfig()` in gin_configs/models/base.gin).
 gin.external_configurable(CodeGeeXConfig, "CodeGeeXConfig")
-
-
-def mesh_context(mesh):
-  """`with mesh, axis_rules():` for the model's logical constraints.
-
-  flax's logical constraints need the legacy `with mesh:` resource env (under jax.set_mesh they
-  resolve against an abstract mesh and fail); jax deprecates it, so its warning is silenced here.
-  """
-  stack = contextlib.ExitStack()
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    stack.enter_context(mesh)
-  stack.enter_context(partitioning.axis_rules())
-  return stack
 
 
 class TrainingDiverged(GeexError):
@@ -505,7 +489,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
   micro_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
   rng = jax.device_put(jax.random.PRNGKey(seed), _replicated(mesh))
 
-  with mesh_context(mesh):
+  with partitioning.mesh_context(mesh):
     step_fn = jax.jit(
         make_train_step(config, optimizer, schedule, microbatches=microbatches,
                         param_shardings=shardings.params, microbatch_sharding=micro_sh),
@@ -585,7 +569,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
   status = "done"
   pending = None  # (step, device metrics): fetched one step late so the host never stalls dispatch
   try:
-    with _Preemption() as preemption, mesh_context(mesh):
+    with _Preemption() as preemption, partitioning.mesh_context(mesh):
       for step in range(start, end):
         if preemption.reached(step):
           status = "preempted"

@@ -10,6 +10,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
+# The tiny reference model, prompts, greedy ids and checkpoint the decode tests share.
+pytest_plugins = ["decode_fixtures"]
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Data that lives outside the repository: ../shared beside the checkout, or $GEEX_SHARED.
 SHARED = pathlib.Path(os.environ.get("GEEX_SHARED", REPO.parent / "shared"))

@@ -7,7 +7,8 @@ import pytest
 from geex_jax import decode_matmul as I
 from geex_jax import model as M
 from geex_jax import quantization as Q
-from geex_jax import sampling as S
+from geex_jax import decoding as D
+from geex_jax.token_sampling import SamplingParams
 
 
 def _operands(m, k, n, dtype=jnp.bfloat16, seed=0):
@@ -73,7 +74,7 @@ def test_quantized_decode_with_the_kernel_matches_xla():
   np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=2e-2)
   seqs = {}
   for impl in ("xla", "pallas"):
-    gen = S.generate_ids(cfg, params, [[5, 6, 7]], sampling=S.SamplingParams(greedy=True),
+    gen = D.generate_ids(cfg, params, [[5, 6, 7]], sampling=SamplingParams(greedy=True),
                          max_new_tokens=4, matmul=impl)
     seqs[impl] = gen.tokens
   assert seqs["pallas"] == seqs["xla"]

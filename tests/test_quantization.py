@@ -9,7 +9,7 @@ from geex_jax import decode_matmul
 from geex_jax import model as M
 from geex_jax import partitioning
 from geex_jax import quantization as Q
-from geex_jax import sampling as S
+from geex_jax import decoding as D
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,6 @@ def test_quantized_params_shard_and_sample(tiny):
   assert sharded["layers"]["attention"]["query"]["scale"].sharding.spec == \
       jax.sharding.PartitionSpec(None, "model", None)
   prompts = [[1, 2, 3, 4], [5, 6]]
-  a = S.generate_ids(cfg, q, prompts, max_new_tokens=6, eos_id=-1)
-  b = S.generate_ids(cfg, sharded, prompts, max_new_tokens=6, eos_id=-1, mesh=mesh)
+  a = D.generate_ids(cfg, q, prompts, max_new_tokens=6, eos_id=-1)
+  b = D.generate_ids(cfg, sharded, prompts, max_new_tokens=6, eos_id=-1, mesh=mesh)
   assert a.tokens == b.tokens
