@@ -521,12 +521,10 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
 
     def write(name: str, array: np.ndarray) -> None:
       axis = table.split_axis(name) if shards > 1 else None
-      for rank, writer in enumerate(writers):
-        if axis is None:
-          writer.write(array)
-        else:
-          size = array.shape[axis] // shards
-          writer.write(np.take(array, np.arange(rank * size, (rank + 1) * size), axis=axis))
+      # Views: a part split on dim 0 is written without a copy.
+      parts = [array] * shards if axis is None else np.split(array, shards, axis=axis)
+      for writer, part in zip(writers, parts):
+        writer.write(part)
       bar.update(array.nbytes)
       for path in paths:
         syncs.sync(path)  # the disk writes the growing files while the conversion goes on
