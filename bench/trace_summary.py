@@ -2,9 +2,10 @@
 
   python bench/trace_summary.py TRACE.json.gz [--top 25] [--steps 63]
 
-For the device's processes (names containing GPU): the span from the first kernel's start to the
-last kernel's end, the busy time (union of kernel intervals), the idle gaps, and the kernels with
-the most total time (count, total, mean). `--steps` divides the totals per decode step.
+For the device's processes (names containing `--process`, default GPU): the span from the first
+kernel's start to the last kernel's end, the busy time (union of kernel intervals), the idle
+gaps, and the kernels with the most total time (count, total, mean). `--steps` divides the
+totals per decode step.
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ import gzip
 import json
 
 
-def summarize(path: str, top: int = 25, steps: int = 1) -> str:
+def summarize(path: str, top: int = 25, steps: int = 1, process: str = "GPU") -> str:
   with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   names = {e["pid"]: e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
-  gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+  chosen = {pid for pid, name in names.items() if process.lower() in name.lower()}
   lines = []
-  for pid in sorted(gpu):
+  for pid in sorted(chosen):
     threads = {e["tid"]: e["args"]["name"] for e in events if e.get("pid") == pid
                and e.get("ph") == "M" and e.get("name") == "thread_name"}
     kernels = [e for e in events if e.get("pid") == pid and e.get("ph") == "X"]
@@ -35,7 +36,7 @@ def summarize(path: str, top: int = 25, steps: int = 1) -> str:
     for tid, _ in by_tid.most_common(2):
       lines += _line_summary([e for e in kernels if e["tid"] == tid], threads.get(tid, tid),
                              top, steps)
-  return "\n".join(lines) if lines else f"{path}: no GPU events"
+  return "\n".join(lines) if lines else f"{path}: no events of a {process} process"
 
 
 def _line_summary(events, label, top: int, steps: int) -> list[str]:
@@ -66,8 +67,9 @@ def main(argv=None):
   ap.add_argument("trace")
   ap.add_argument("--top", type=int, default=25)
   ap.add_argument("--steps", type=int, default=1, help="decode steps in the trace")
+  ap.add_argument("--process", default="GPU", help="summarise processes whose name has this")
   a = ap.parse_args(argv)
-  print(summarize(a.trace, a.top, a.steps))
+  print(summarize(a.trace, a.top, a.steps, a.process))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A device session has 15 minutes in all, so a script that broke since it last ran (a renamed
 function, a moved constant) must fail here, not there. Runs the pipeline of `bench/gpu.sh`: the
-kernel sweep writes tilings, the sampling benchmark reads them.
+kernel sweep writes tilings, the sampling benchmark reads them and profiles its batch-1 decodes,
+and the trace summary reads the profiles (here the CPU's lines; on a card the GPU's).
 """
 import json
 import os
@@ -36,7 +37,7 @@ def test_gpu_benchmarks_run_on_cpu(tmp_path):
   out = _run("sample.py", "--gpu", "--preset", "tiny", "--dtype", "int8", "bf16",
              "--gpu_batch", "2", "--gpu_new_tokens", "6", "--prompt_len", "8",
              "--matmul", "auto", "xla", "--tilings", str(tilings), "--steps_per_loop", "1", "3",
-             "--xla_options", "xla_gpu_dot_merger_threshold_mb=32")
+             "--xla_options", "xla_gpu_dot_merger_threshold_mb=32", "--trace", str(tmp_path / "tr"))
   rows = _json_lines(out.stderr)
   variants = {(r["dtype"], r["impl"], r["batch"]) for r in rows}
   assert variants == {
@@ -50,3 +51,8 @@ def test_gpu_benchmarks_run_on_cpu(tmp_path):
     heads = {tuple(r["tokens_head"][:6]) for r in rows if r["dtype"] == dtype}
     assert len(heads) == 1, (dtype, heads)
   assert out.stdout.count("| tiny |") == len(rows)
+
+  traces = sorted((tmp_path / "tr").glob("*/plugins/profile/*/perfetto_trace.json.gz"))
+  assert [t.parents[3].name for t in traces] == ["bf16_xla", "int8_auto", "int8_xla"]
+  summary = _run("trace_summary.py", str(traces[0]), "--steps", "5", "--process", "cpu").stdout
+  assert "/host:CPU" in summary and "per step" in summary and "total ms" in summary
