@@ -70,7 +70,9 @@ class CodeGeeXConfig:
   param_dtype: str = "float32"    # storage dtype of the parameters
   scan_layers: bool = True        # nn.scan over the ordinary layers (fast compiles at depth)
   remat_policy: str = "none"      # one of REMAT_POLICIES
-  attention: str = "xla"          # "xla" or "dot_product" (jax.nn.dot_product_attention: cuDNN)
+  # Full-sequence attention: "xla" or "dot_product" (jax.nn.dot_product_attention: cuDNN).
+  # Decoding always attends over the KV cache with the XLA path.
+  attention: str = "xla"
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -213,8 +215,8 @@ class Attention(nn.Module):
 
     if self.decode:
       k, v = self._update_cache(k, v, cache_index)
-
-    if cfg.attention == "dot_product":
+      out = _xla_attention(q, k, v, mask, kv_heads_first=True)
+    elif cfg.attention == "dot_product":
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
     else:
       out = _xla_attention(q, k, v, mask)
@@ -225,41 +227,46 @@ class Attention(nn.Module):
         name="dense")(out)
 
   def _update_cache(self, k: Array, v: Array, index: Optional[Array]):
-    """Writes this chunk's keys/values at slot `index`; returns the whole cache.
+    """Writes this call's keys/values [b, t, n, h] at slot `index`; returns the whole cache.
 
-    Cache layout [b, max_len, n, h]: one dynamic_update_slice per step along the length axis, and
-    the attention reads it in the same layout as the training path (no transposes per step).
-    Which slots hold real tokens, the write index and the mask are kept once for all layers
-    (`CodeGeeX._decode_mask`).
+    Cache layout [b, n, max_len, h], heads before length: both attention products read the
+    cache as it lies (batch dims b, n leading). With [b, max_len, n, h], XLA copied every
+    layer's whole cache into that order at every step (on the CPU, a quarter of a 350m
+    batch-32 decode step). Which slots hold real tokens, the write index and the mask are kept
+    once for all layers (`CodeGeeX._decode_mask`).
     """
     b, t, n, h = k.shape
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # [b, n, t, h]: t is 1 per step
     # On init the call's length is the cache length (see init_cache).
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, t, n, h), k.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, t, n, h), v.dtype)
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, n, t, h), k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, n, t, h), v.dtype)
     if index is None:
       return k, v
     zero = jnp.zeros((), jnp.int32)
-    cache_axes = ("batch", "cache_length", "act_heads", "kv")
+    cache_axes = ("batch", "act_heads", "cache_length", "kv")
     cached_k.value = nn.with_logical_constraint(
         jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype),
-                                     (zero, index, zero, zero)), cache_axes)
+                                     (zero, zero, index, zero)), cache_axes)
     cached_v.value = nn.with_logical_constraint(
         jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype),
-                                     (zero, index, zero, zero)), cache_axes)
+                                     (zero, zero, index, zero)), cache_axes)
     return cached_k.value, cached_v.value
 
 
-def _xla_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
-  """Softmax attention with fp32 scores. q: [b, t, n, h]; k, v: [b, s, n, h] -> [b, t, n, h]."""
+def _xla_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
+                   kv_heads_first: bool = False) -> Array:
+  """Softmax attention with fp32 scores. q: [b, t, n, h]; k, v: [b, s, n, h], or [b, n, s, h]
+  with kv_heads_first (the decode cache) -> [b, t, n, h]."""
+  kv = "bnsh" if kv_heads_first else "bsnh"
   scale = 1.0 / np.sqrt(q.shape[-1])
-  scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum(f"btnh,{kv}->bnts", q, k, preferred_element_type=jnp.float32) * scale
   if mask is None:
-    t, s = q.shape[1], k.shape[1]
+    t, s = q.shape[1], k.shape[2 if kv_heads_first else 1]
     mask = jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)[None, None]
   # A large finite negative, not -inf: a fully masked row (left padding) stays finite.
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+  return jnp.einsum(f"bnts,{kv}->btnh", probs, v)
 
 
 class MLP(nn.Module):
