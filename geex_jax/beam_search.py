@@ -38,8 +38,9 @@ class BeamSpec:
 
   @property
   def decode_spec(self) -> DecodeSpec:  # what `forward` needs
-    return DecodeSpec(self.config, 1, self.max_new_tokens, True, 0, False, self.eos_id,
-                      self.vocab_limit, self.rule, self.quantized)
+    return DecodeSpec(config=self.config, num_samples=1, max_new_tokens=self.max_new_tokens,
+                      greedy=True, top_k=0, use_top_p=False, eos_id=self.eos_id,
+                      vocab_limit=self.vocab_limit, rule=self.rule, quantized=self.quantized)
 
 
 def _length_norm(length: Array, alpha) -> Array:

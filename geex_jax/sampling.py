@@ -52,6 +52,31 @@ def cut_text(text: str, language: Optional[str] = None, stop: Sequence[str] = ()
   return text[:min(cuts)] if cuts else text
 
 
+def _completion(text: str, tokens: list[int], reason: str, language: Optional[str],
+                stop: Sequence[str], at_line_start: bool) -> Completion:
+  """A sampled row's Completion: its text cut by the rules. The device ends a row on EOS or its
+  token budget; where the text rules cut it anyway, the reason names the rule that did."""
+  cut = cut_text(text, language, stop, at_line_start)
+  if reason in ("length", "eos") and cut != text:
+    reason = ("stop_rule" if cut_text(text, language, (), at_line_start) != text
+              else "stop_string")
+  return Completion(cut, tokens, reason)
+
+
+def _ends_line(prompt: str) -> bool:
+  """Whether a completion of `prompt` starts at the beginning of a line (the rules' start)."""
+  return prompt.endswith("\n") or prompt == ""
+
+
+def _per_prompt(language, count: int) -> list[Optional[str]]:
+  """`language` (None, one name, or one name or None per prompt) as one entry per prompt."""
+  langs = ([language] * count if language is None or isinstance(language, str)
+           else list(language))
+  if len(langs) != count:
+    raise InputError(f"{len(langs)} languages for {count} prompts")
+  return langs
+
+
 def _stable_length(text: str, rule: str, at_line_start: bool, stop: Sequence[str]) -> int:
   """How much of an unfinished completion's cut text can no longer change (streaming)."""
   n = len(text)
@@ -164,12 +189,9 @@ class Sampler:
     """
     sampling = SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
     validate_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, num_samples=n)
-    langs = ([language] * len(prompts) if language is None or isinstance(language, str)
-             else list(language))
-    if len(langs) != len(prompts):
-      raise InputError(f"{len(langs)} languages for {len(prompts)} prompts")
+    langs = _per_prompt(language, len(prompts))
     ids = [self._encode(p, l, add_tag) for p, l in zip(prompts, langs)]
-    at_start = [p.endswith("\n") or p == "" for p in prompts]
+    at_start = [_ends_line(p) for p in prompts]
     results: list[list[Completion]] = [[] for _ in prompts]
     # Batches: prompts with the same stop rule, ceil(max_batch / n) prompts at a time; with
     # n > max_batch a prompt's samples are drawn in rounds of max_batch rows.
@@ -196,12 +218,8 @@ class Sampler:
               at_line_start=[at_start[i] for i in group], row_ids=row_ids, host_check=check,
               mesh=self.mesh, steps_per_loop=self.steps_per_loop)
           for r, (toks, reason) in enumerate(zip(gen.tokens, gen.reasons)):
-            text = self.tokenizer.decode(toks)
-            cut = cut_text(text, row_lang[r], stop, row_start[r])
-            if reason in ("length", "eos") and cut != text:
-              reason = "stop_rule" if cut_text(text, row_lang[r], (), row_start[r]) != text \
-                  else "stop_string"
-            results[group[r // count]].append(Completion(cut, toks, reason))
+            results[group[r // count]].append(_completion(
+                self.tokenizer.decode(toks), toks, reason, row_lang[r], stop, row_start[r]))
     return results
 
   def _host_check(self, row_lang, row_start, stop) -> Optional[HostCheck]:
@@ -238,12 +256,10 @@ class Sampler:
     n = width if n is None else n
     if not 1 <= n <= width:
       raise InputError(f"num_samples {n} must be between 1 and the beam width {width}")
-    langs = ([language] * len(prompts) if language is None or isinstance(language, str)
-             else list(language))
     out: list[list[Completion]] = []
-    for prompt, lang in zip(prompts, langs):
+    for prompt, lang in zip(prompts, _per_prompt(language, len(prompts))):
       ids = self._encode(prompt, lang, add_tag)
-      at_start = prompt.endswith("\n") or prompt == ""
+      at_start = _ends_line(prompt)
       res = beam_search_ids(
           self.config, self.params, [ids], width=width,
           max_new_tokens=self._fit_new_tokens([ids], max_new_tokens),
@@ -271,7 +287,7 @@ class Sampler:
     """
     sampling = SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
     ids = self._encode(prompt, language, add_tag)
-    at_start = prompt.endswith("\n") or prompt == ""
+    at_start = _ends_line(prompt)
     rule = self._rule(language)
     emitted = 0
     decode = self.tokenizer.decode
@@ -291,12 +307,8 @@ class Sampler:
         at_line_start=[at_start], host_check=self._host_check([language], [at_start], stop),
         on_chunk=on_chunk, chunk_size=chunk_size, mesh=self.mesh,
         steps_per_loop=self.steps_per_loop)
-    toks = gen.tokens[0]
-    text = decode(toks)
-    cut = cut_text(text, language, stop, at_start)
-    if len(cut) > emitted:
-      write(cut[emitted:])
-    reason = gen.reasons[0]
-    if reason in ("length", "eos") and cut != text:
-      reason = "stop_rule" if cut_text(text, language, (), at_start) != text else "stop_string"
-    return Completion(cut, toks, reason)
+    done = _completion(decode(gen.tokens[0]), gen.tokens[0], gen.reasons[0], language, stop,
+                       at_start)
+    if len(done.text) > emitted:
+      write(done.text[emitted:])
+    return done
