@@ -152,16 +152,18 @@ class CodeGeeXTorch(nn.Module):
 
 @torch.no_grad()
 def greedy_generate(model: CodeGeeXTorch, tokens: torch.Tensor, max_new_tokens: int,
-                    eos_id: Optional[int] = None) -> torch.Tensor:
+                    eos_id: Optional[int] = None,
+                    vocab_limit: Optional[int] = None) -> torch.Tensor:
   """A plain KV-cache greedy loop (the sampler's reference and benchmark baseline).
 
   tokens: [b, t] -> new tokens [b, max_new_tokens] (rows that emitted EOS keep emitting it).
+  vocab_limit: choose among the first ids only (the tokenizer's; the embedding is padded).
   """
   logits, past = model(tokens)
   out = []
   done = torch.zeros(tokens.shape[0], dtype=torch.bool)
   for _ in range(max_new_tokens):
-    nxt = logits[:, -1].argmax(-1)
+    nxt = logits[:, -1, :vocab_limit].argmax(-1)
     if eos_id is not None:
       nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
       done |= nxt == eos_id

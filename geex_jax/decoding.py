@@ -38,7 +38,8 @@ from geex_jax import decode_matmul, partitioning, quantization
 from geex_jax import model as M
 from geex_jax.errors import InputError
 from geex_jax.stop_automata import NO_RULE, RuleTables, rule_initial_state, rule_step
-from geex_jax.token_sampling import NEG_INF, SamplingParams, sample_tokens, validate_sampling
+from geex_jax.token_sampling import (NEG_INF, SamplingParams, sample_tokens, seed_value,
+                                     validate_sampling)
 
 Array = jax.Array
 
@@ -279,7 +280,7 @@ def generate_ids(config: M.CodeGeeXConfig, params: Any, prompts: Sequence[Sequen
 
   with partitioning.mesh_context(mesh):
     cache, carry = prefill(spec, params, jnp.asarray(prompt), jnp.asarray(segments),
-                           jnp.asarray(row_ids, jnp.int32), seed,
+                           jnp.asarray(row_ids, jnp.int32), seed_value(seed),
                            jnp.asarray(rule_init, jnp.int32), temperature, top_p, table)
     host_stopped = np.zeros(b, bool)
     no_stop = jnp.zeros((b,), bool)

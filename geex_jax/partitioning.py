@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from geex_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "model")
 
 # logical name -> mesh axis (or axes, or None = replicated). Parameter names first, then
@@ -80,10 +82,29 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh,
   return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
 
 
+def check_divisible(shapes: Any, shardings: Any) -> None:
+  """ConfigError naming the first array whose dims do not divide by the mesh axes sharding them
+  (e.g. 20 heads over model=8), instead of XLA's error deep inside device_put or jit."""
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings)):
+    spec = sharding.spec
+    for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      ways = math.prod(sharding.mesh.shape[a] for a in axes)
+      if size % ways:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        raise ConfigError(f"{name} {tuple(leaf.shape)}: dim {dim} ({size}) does not divide "
+                          f"over the mesh axis {'x'.join(axes)} = {ways}; choose a mesh whose "
+                          f"{'x'.join(axes)} size divides it")
+
+
 def shard_params(params: Any, logical_specs: Any, mesh: Mesh,
                  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
   """Places (unboxed) params on the mesh according to their logical axis names."""
   shardings = logical_to_sharding(logical_specs, mesh, rules)
+  check_divisible(params, shardings)
   return jax.tree.map(jax.device_put, params, shardings)
 
 

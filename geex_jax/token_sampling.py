@@ -62,6 +62,17 @@ def validate_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1
     raise InputError(f"num_samples must be an integer >= 1, got {num_samples}")
 
 
+MAX_SEED = 2**32 - 1
+
+
+def seed_value(seed: int) -> np.uint32:
+  """A user's seed as the uint32 the jitted decode loop takes (a Python int >= 2^31 would
+  overflow the int32 it becomes by default). Seeds below 2^31 give the same keys either way."""
+  if not (isinstance(seed, (int, np.integer)) and 0 <= seed <= MAX_SEED):
+    raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed}")
+  return np.uint32(seed)
+
+
 def _nucleus_cutoff(sorted_logits: Array, top_p: Array) -> tuple[Array, Array]:
   """sorted_logits: [B, k] descending. Returns (the smallest kept logit [B, 1], covered [B]).
 

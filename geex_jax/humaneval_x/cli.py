@@ -106,7 +106,8 @@ def cmd_generate(args) -> int:
   if not jobs:
     raise InputError("no problems selected")
   options = {} if args.sampler else {"dtype": args.dtype, "int8": args.int8}
-  complete = generate.load_sampler(args.checkpoint, args.tokenizer, args.sampler, **options)
+  tokenizer = None if args.tokenizer == "bytes" and not args.sampler else args.tokenizer
+  complete = generate.load_sampler(args.checkpoint, tokenizer, args.sampler, **options)
   n = generate.generate(complete, jobs, args.out, args.n, args.temperature, args.top_p,
                         args.max_new_tokens, args.batch_size, progress=not args.quiet)
   print(f"{n} new samples appended to {args.out} ({len(jobs)} prompts x {args.n})")
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data", required=True, help="HumanEval-X directory")
   p.add_argument("--out", required=True, help="samples JSONL to write (appended, resumable)")
   p.add_argument("--checkpoint", required=True, help="model checkpoint directory")
-  p.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
+  p.add_argument("--tokenizer", required=True, help="directory of the released tokenizer files ('bytes': byte-level fallback)")
   p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
                  help="parameter / compute dtype of the model (default: bf16)")
   p.add_argument("--int8", action="store_true", help="int8 weight-only quantized linears")
