@@ -21,7 +21,7 @@ from geex_jax import model as M
 from geex_jax.beam_search import beam_search_ids
 from geex_jax.decoding import HostCheck, generate_ids
 from geex_jax.errors import InputError
-from geex_jax.stop_automata import RULE_TOP_LEVEL, RuleTables, rule_tables
+from geex_jax.stop_automata import RULE_BRACE, RULE_TOP_LEVEL, RuleTables, rule_tables
 from geex_jax.token_sampling import SamplingParams, validate_sampling
 
 log = logging.getLogger(__name__)
@@ -37,29 +37,35 @@ class Completion:
 
 
 def cut_text(text: str, language: Optional[str] = None, stop: Sequence[str] = (),
-             at_line_start: bool = True) -> str:
+             at_line_start: bool = True, finished: bool = False) -> str:
   """The completion text as the reference rules end it: the language rule
   (`stop_rules.truncate`; a prompt ending mid-line keeps its first line), then the first stop
-  string (excluded)."""
-  if language is not None:
-    lang = languages.get(language)
+  string (excluded). `finished`: the row has ended, so the brace rule also drops what follows
+  its last complete definition (blank lines, an unfinished helper), as the evaluator does."""
+  lang = languages.get(language) if language is not None else None
+  if lang is not None:
     if lang.stop_rule == RULE_TOP_LEVEL and not at_line_start:
       end = stop_rules.top_level_end(text, at_line_start=False)
       text = text if end is None else text[:end]
     else:
       text = stop_rules.truncate(lang, text)
   cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-  return text[:min(cuts)] if cuts else text
+  text = text[:min(cuts)] if cuts else text
+  if finished and lang is not None and lang.stop_rule == RULE_BRACE:
+    text = stop_rules.truncate(lang, text, finished=True)
+  return text
 
 
 def _completion(text: str, tokens: list[int], reason: str, language: Optional[str],
                 stop: Sequence[str], at_line_start: bool) -> Completion:
   """A sampled row's Completion: its text cut by the rules. The device ends a row on EOS or its
   token budget; where the text rules cut it anyway, the reason names the rule that did."""
-  cut = cut_text(text, language, stop, at_line_start)
-  if reason in ("length", "eos") and cut != text:
-    reason = ("stop_rule" if cut_text(text, language, (), at_line_start) != text
-              else "stop_string")
+  cut = cut_text(text, language, stop, at_line_start, finished=True)
+  if reason in ("length", "eos"):
+    if cut_text(text, language, (), at_line_start) != text:
+      reason = "stop_rule"
+    elif cut_text(text, None, stop) != text:
+      reason = "stop_string"
   return Completion(cut, tokens, reason)
 
 
@@ -77,18 +83,19 @@ def _per_prompt(language, count: int) -> list[Optional[str]]:
   return langs
 
 
-def _stable_length(text: str, rule: str, at_line_start: bool, stop: Sequence[str]) -> int:
+def _stable_length(text: str, language: Optional[str], at_line_start: bool,
+                   stop: Sequence[str]) -> int:
   """How much of an unfinished completion's cut text can no longer change (streaming)."""
   n = len(text)
   while n and text[n - 1] == "\ufffd":  # maybe half of a multi-byte character
     n -= 1
   if stop:
     n = min(n, len(text) - max(len(s) for s in stop) + 1)
-  if rule == RULE_TOP_LEVEL:
-    nl = text.rfind("\n")
-    line = text[nl + 1:]
-    if not (nl < 0 and not at_line_start) and line[:1] not in (" ", "\t"):
-      n = min(n, nl + 1)  # this line may still turn out to be a new top-level line
+  if language is not None:
+    # The language rule may still cut from here (a new top-level line, an unfinished helper).
+    undecided = stop_rules.undecided_from(language, text, at_line_start)
+    if undecided is not None:
+      n = min(n, undecided)
   return max(n, 0)
 
 
@@ -121,11 +128,13 @@ class Sampler:
   @classmethod
   def load(cls, checkpoint, tokenizer=None, *, dtype: str = "fp32", int8: bool = False,
            mesh=None, max_batch: int = 32) -> "Sampler":
-    """Restores a geex-jax checkpoint (converted or trained).
+    """Restores a geex-jax checkpoint (converted or trained): `checkpoint` is a local directory
+    or a gs:// URL (read through geex_jax.checkpoints, which decides which with fileio.as_path).
 
-    tokenizer: a directory of the released tokenizer files, a tokenizer object, or None for the
-      byte-level fallback. dtype: "fp32" | "bf16" (params and compute). int8: quantize the
-      blocks' linears (weight-only). mesh: shard weights over its `model` axis (tensor parallel).
+    tokenizer: a directory (local or gs://) of the released tokenizer files, a tokenizer
+      object, or None for the byte-level fallback. dtype: "fp32" | "bf16" (params and compute).
+      int8: quantize the blocks' linears (weight-only). mesh: shard weights over its `model`
+      axis (tensor parallel).
     """
     from geex_jax import checkpoints, tokenizer as tok
     try:
@@ -143,8 +152,7 @@ class Sampler:
       specs = (quantization.quantized_logical_specs(config) if int8
                else M.param_logical_specs(config))
       params = partitioning.shard_params(params, specs, mesh)
-    if not hasattr(tokenizer, "encode"):
-      tokenizer = tok.load_tokenizer(tokenizer)
+    tokenizer = tok.as_tokenizer(tokenizer)
     return cls(config, params, tokenizer, mesh=mesh, max_batch=max_batch)
 
   # -- helpers -------------------------------------------------------------------------------
@@ -295,7 +303,7 @@ class Sampler:
     def on_chunk(tokens, lengths):
       nonlocal emitted
       text = cut_text(decode(tokens[0, :lengths[0]].tolist()), language, stop, at_start)
-      upto = _stable_length(text, rule.kind, at_start, stop)
+      upto = _stable_length(text, language, at_start, stop)
       if upto > emitted:
         write(text[emitted:upto])
         emitted = upto

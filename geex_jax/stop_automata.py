@@ -3,8 +3,10 @@
 `geex_jax.stop_rules` says where a completion ends, on text. Checking that on the host every step
 would stall the decode loop, so each rule becomes a tiny automaton over the bytes of the
 completion, precomputed for every token of the vocabulary (`rule_tables`, once per tokenizer and
-rule): inside the loop a step is one gather per row (`rule_step`). The automata may fire later
-than the text rule in rare cases, never earlier; the sampler's host-side text check cuts those.
+rule): inside the loop a step is one gather per row (`rule_step`). The top-level automaton may fire
+later than the text rule in rare cases, never earlier; the sampler's host-side text check cuts
+those. The brace automaton is the text rule's own (`stop_rules.brace_step`), so it fires exactly
+where `stop_rules.is_complete` first holds.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from geex_jax import stop_rules
 
 Array = jax.Array
 
@@ -49,8 +53,11 @@ class RuleTables:
   """A language stop rule as per-token tables (built once per tokenizer and rule).
 
   kind "top_level": table [V, 4] int8, the next automaton state for each (token, state).
-  kind "brace": table [V, 2] int32, each token's net `{`-minus-`}` count and the minimum of its
-  running count (the rule fires on the token where depth + minimum < 0).
+  kind "brace": table [V, 1 + Q + 2K + 2] int16 over the encoded states of `stop_rules.brace_step`
+  (Q top-level DFA states, K the most a token's running brace count drops): column 0 is the
+  token's net `{`-minus-`}` count (a brace-counting state deeper than K only adds 2 * net: no
+  token can close its block), columns 1 + q the next state from DFA state q, columns 1 + Q + s
+  the next state from brace-counting state s < 2K + 2 (`_brace_table`).
   kind "none": table [1, 1] (unused).
   """
   kind: str
@@ -101,19 +108,68 @@ def rule_tables(tokenizer, stop_rule: Optional[str], vocab_size: int) -> RuleTab
             break
         table[i, s] = state
   elif kind == RULE_BRACE:
-    table = np.zeros((vocab_size, 2), np.int32)
-    for i, piece in enumerate(pieces):
-      if b"{" in piece or b"}" in piece:
-        depth = low = 0
-        for byte in piece:
-          depth += (byte == 0x7B) - (byte == 0x7D)
-          low = min(low, depth)
-        table[i] = depth, low
+    table = _brace_table(pieces)
   else:
     raise ValueError(f"unknown stop rule {stop_rule!r}")
   tables = RuleTables(kind, table)
   _RULE_CACHE[key] = (tokenizer, tables)  # keeps the tokenizer alive so its id stays unique
   return tables
+
+
+_BRACE_Q = len(stop_rules.BRACE_STATES)   # DFA states of the brace rule's top level
+
+
+def _brace_table(pieces: list[bytes]) -> np.ndarray:
+  """The brace rule's per-token table (see RuleTables), by running `stop_rules.brace_step` over
+  every token's bytes from every start state that the token can move other than by its net."""
+  q = _BRACE_Q
+  net = np.zeros(len(pieces), np.int64)
+  k = 1
+  for i, piece in enumerate(pieces):
+    if b"{" in piece or b"}" in piece:
+      depth = low = 0
+      for byte in piece:
+        depth += (byte == 0x7B) - (byte == 0x7D)
+        low = min(low, depth)
+      net[i], k = depth, max(k, -low)
+  longest = max((len(p) for p in pieces), default=0)
+  # Every state reachable inside one token from a start column: DFA states (encoded -q..-1) and
+  # brace counts up to 2 * (k + longest) + 1. Index = encoded state + q; byte 256 = padding.
+  top = 2 * (k + longest) + 2
+  if top >= 2 ** 15:
+    raise ValueError(f"a token of {longest} bytes: too long for the int16 brace table")
+  n = q + top
+  step = np.empty((n, 257), np.int64)
+  for idx in range(n):
+    s = idx - q
+    by_class = [stop_rules.brace_step(s, c) for c in range(stop_rules.NON_ASCII + 1)]
+    row = by_class[:128] + [by_class[stop_rules.NON_ASCII]] * 128 + [s]
+    step[idx] = np.minimum(np.asarray(row), top - 1) + q   # (the clip is never reached)
+  starts = np.concatenate([-1 - np.arange(q), np.arange(2 * k + 2)]) + q   # column states
+  states = np.tile(starts, (len(pieces), 1))
+  order = np.argsort([-len(p) for p in pieces], kind="stable")
+  lengths = np.array([len(pieces[i]) for i in order])
+  data = np.full((len(pieces), max(longest, 1)), 256, np.int64)
+  for row, i in enumerate(order):
+    data[row, :len(pieces[i])] = np.frombuffer(pieces[i], np.uint8)
+  sorted_states = states[order]
+  for j in range(longest):
+    active = int((lengths > j).sum())   # the longest tokens come first
+    sorted_states[:active] = step[sorted_states[:active], data[:active, j:j + 1]]
+  states[order] = sorted_states
+  table = np.concatenate([net[:, None], states - q], axis=1)
+  return table.astype(np.int16)
+
+
+def _brace_step(table: Array, state: Array, tokens: Array) -> tuple[Array, Array]:
+  """One token of the brace automaton per row (encoded states of `stop_rules.brace_step`)."""
+  near_end = table.shape[1] - 1 - _BRACE_Q   # brace-counting states 0 .. near_end - 1 are looked up
+  in_dfa = state < 0
+  near = (state >= 0) & (state < near_end)
+  col = jnp.where(in_dfa, -state, jnp.where(near, 1 + _BRACE_Q + state, 0))
+  looked = table[tokens, col].astype(jnp.int32)
+  new = jnp.where(in_dfa | near, looked, state + 2 * looked)
+  return new, new == stop_rules.BRACE_FIRED
 
 
 def rule_step(kind: str, table: Array, state: Array, tokens: Array) -> tuple[Array, Array]:
@@ -122,8 +178,7 @@ def rule_step(kind: str, table: Array, state: Array, tokens: Array) -> tuple[Arr
     state = table[tokens, state].astype(jnp.int32)
     return state, state == FIRED
   if kind == RULE_BRACE:
-    row = table[tokens]
-    return state + row[:, 0], state + row[:, 1] < 0
+    return _brace_step(table, state, tokens)
   return state, jnp.zeros(state.shape, bool)
 
 
@@ -132,4 +187,6 @@ def rule_initial_state(kind: str, at_line_start: bool) -> int:
   line, which then cannot be a new top-level line (INDENTED blocks it until the next newline)."""
   if kind == RULE_TOP_LEVEL:
     return AT_START if at_line_start else INDENTED
+  if kind == RULE_BRACE:
+    return stop_rules.BRACE_INITIAL
   return 0

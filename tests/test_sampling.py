@@ -41,7 +41,7 @@ def test_sampler_stops_exactly_where_the_text_rules_say(char_sampler, language, 
   at_start = prompt.endswith("\n")
   fired = 0
   for f, r in zip(free, ruled):
-    assert r.text == S.cut_text(f.text, language, (), at_start)
+    assert r.text == S.cut_text(f.text, language, (), at_start, finished=True)
     if r.finish_reason == "stop_rule":
       fired += 1
       assert len(r.tokens) <= len(f.tokens) and r.tokens == f.tokens[:len(r.tokens)]

@@ -2,7 +2,8 @@
 
 The code around the completion always comes from the DATASET, never from text in the samples
 file: an echoed prompt at the start of a generation is stripped, then the completion is cut by the
-language's stop rule (`geex_jax.stop_rules.truncate`).
+language's stop rule (`geex_jax.stop_rules.truncate`, as a finished completion: helper definitions
+after the function are kept, an unfinished tail after them is not).
 
   generation:  <header> + problem_text(problem) + completion + test
   translation: <header> + target.declaration + completion + test   (the TARGET language's program)
@@ -77,7 +78,7 @@ def clean(problem: Problem, completion: str, source: Optional[Problem] = None) -
              problem.prompt]
   else:
     cands = [problems_lib.translation_prompt(source, problem), problem.declaration]
-  return stop_rules.truncate(problem.language, strip_echo(completion, cands))
+  return stop_rules.truncate(problem.language, strip_echo(completion, cands), finished=True)
 
 
 def _go_imports(code: str, already: str) -> str:
@@ -139,10 +140,11 @@ def assemble_translation(source: Problem, target: Problem, generation: str) -> A
 
 
 def canonical(problem: Problem) -> Assembled:
-  """The canonical solution's program (the self-test).
+  """The canonical solution's program (the self-test), exactly as the dataset has it.
 
-  Not cut by the stop rule: some canonical solutions define helper functions after the target
-  function (Go/72, Rust/10, ...), which a generation stopping at its first closing brace loses.
+  Not cut by the stop rule (the self-test checks the data): some canonical solutions define
+  helper functions after the target function (Go/72, Rust/10, ...); the stop rule keeps those
+  too (tests/journeys/test_canonical_as_samples.py runs them through `clean`).
   """
   sol = problem.canonical_solution
   return Assembled(problem.language, problem.task_id,

@@ -135,7 +135,7 @@ def test_sample_tasks_to_output_beam_and_int8(converted, reference, tokenizer, t
   assert [r["task_id"] for r in records] == ["CPP/0", "CPP/1"]
   assert all(r["language"] == "C++" for r in records)  # inferred from the task ids
   want = torch_greedy(reference, tokenizer, "// language: C++\n" + problems[0]["prompt"], 16)
-  assert records[0]["completion"] == stop_rules.truncate("cpp", want)
+  assert records[0]["completion"] == stop_rules.truncate("cpp", want, finished=True)
 
   # Beam search with one beam is greedy decoding; two beams run too.
   greedy = run_ok("geex-sample", "--checkpoint", converted["single"], "--tokenizer",
