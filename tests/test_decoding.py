@@ -109,3 +109,16 @@ def test_steps_per_loop_falls_back_when_the_prompt_leaves_no_room(reference):
   assert many.tokens == one.tokens and len(one.tokens[0]) == 10
   with pytest.raises(InputError, match="steps_per_loop"):
     D.generate_ids(cfg, params, prompt, max_new_tokens=10, steps_per_loop=0)
+
+
+def test_any_uint32_seed_samples_and_others_are_refused(reference, prompts):
+  """Seeds >= 2^31 used to overflow the jitted int32 seed (geex-eval's hashed batch seeds)."""
+  cfg, _, params = reference
+  kw = dict(sampling=SamplingParams(temperature=1.0), max_new_tokens=8, eos_id=-1)
+  high = D.generate_ids(cfg, params, prompts, seed=2**32 - 1, **kw)
+  again = D.generate_ids(cfg, params, prompts, seed=2**32 - 1, **kw)
+  low = D.generate_ids(cfg, params, prompts, seed=7, **kw)
+  assert high.tokens == again.tokens and high.tokens != low.tokens
+  for bad in (-1, 2**32):
+    with pytest.raises(InputError, match="seed must be an integer in 0..4294967295"):
+      D.generate_ids(cfg, params, prompts, seed=bad, **kw)
