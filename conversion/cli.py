@@ -24,7 +24,10 @@ examples:
   geex-convert jax-to-torch runs/ft/ mp4_out/ --shards 4                # latest step of a run
 
 Memory stays about one tensor large (the 13B model converts in a few GB of RAM). Output is
-staged beside DST and only renamed into place when everything, --verify included, succeeded.
+staged beside DST and only renamed into place when everything, --verify included, succeeded;
+missing parent directories of DST are created. SRC and DST may be gs:// URLs: a gs:// DST is
+written in a local temporary directory ($TMPDIR) and uploaded when finished, a released
+checkpoint on gs:// is downloaded there first.
 """
 
 
@@ -53,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "a directory of mp_rank_XX_model_states.pt model-parallel shards) into a "
                   "geex-jax checkpoint DST (config.json + params/, an Orbax PyTree checkpoint) "
                   "that geex_jax.checkpoints.load_params, the trainer and the sampler restore.")
-  t2j.add_argument("src", metavar="SRC", help="a .pt file or a directory of mp_rank_XX files")
-  t2j.add_argument("dst", metavar="DST", help="output checkpoint directory")
+  t2j.add_argument("src", metavar="SRC",
+                   help="a .pt file or a directory of mp_rank_XX files (local or gs://)")
+  t2j.add_argument("dst", metavar="DST", help="output checkpoint directory (local or gs://)")
   t2j.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
                    help="stored parameter dtype (default: bf16)")
   t2j.add_argument("--preset", metavar="NAME",
@@ -80,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "to the released PyTorch layout: one file DST, or with --shards N a directory "
                   "DST of mp_rank_XX_model_states.pt split by the model-parallel rules. The "
                   "result loads with torch.load(weights_only=True) and strict=True.")
-  j2t.add_argument("src", metavar="SRC", help="a geex-jax checkpoint, run or step directory")
-  j2t.add_argument("dst", metavar="DST", help="output .pt file (or directory with --shards)")
+  j2t.add_argument("src", metavar="SRC",
+                   help="a geex-jax checkpoint, run or step directory (local or gs://)")
+  j2t.add_argument("dst", metavar="DST",
+                   help="output .pt file (or directory with --shards), local or gs://")
   j2t.add_argument("--dtype", choices=("fp16", "fp32", "bf16"), default="fp16",
                    help="tensor dtype of the output (default: fp16, as released)")
   j2t.add_argument("--shards", type=int, default=1, metavar="N",

@@ -6,6 +6,12 @@ before the next one is touched, so peak memory is a couple of tensors, not the c
 
 Output goes to a hidden staging path beside DST that is renamed into place only after everything
 (verification included) succeeded; any error removes it, so a failed run leaves nothing behind.
+
+SRC and DST may be gs:// URLs (geex_jax.fileio decides). The fast paths memory-map local files and
+write with os-level I/O, so remote ends are staged through a local temporary directory (under
+$TMPDIR): a released checkpoint on gs:// is downloaded first (a geex-jax checkpoint is read in
+place, through TensorStore); a gs:// DST is written and verified locally, uploaded to a hidden
+name beside DST, then moved into place (config.json last; on any error the upload is deleted).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import re
 import resource
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -46,7 +53,7 @@ JAX_TO_TORCH_DTYPES = ("fp16", "fp32", "bf16")
 class Summary:
   """What a conversion did; `line()` is the CLI's final report."""
   direction: str
-  dst: pathlib.Path
+  dst: os.PathLike        # a pathlib.Path, or an epath.Path for gs://
   tensors: int
   bytes_written: int
   dtype: str
@@ -91,20 +98,50 @@ def peak_rss() -> int:
 # --- output staging --------------------------------------------------------------------------
 
 
-def check_destination(dst: pathlib.Path, overwrite: bool) -> None:
+def _dst_path(dst: os.PathLike):
+  """DST as given for a local path (pathlib), as an epath.Path for a gs:// URL."""
+  return fileio.as_path(dst) if fileio.is_url(dst) else pathlib.Path(dst)
+
+
+def _missing_parents(dst: pathlib.Path) -> list[pathlib.Path]:
+  """DST's parent directories that do not exist yet, nearest first."""
+  missing, parent = [], dst.absolute().parent
+  while not parent.exists() and parent != parent.parent:
+    missing.append(parent)
+    parent = parent.parent
+  return missing
+
+
+def check_destination(dst, overwrite: bool) -> None:
   if dst.exists() and not overwrite:
     raise InputError(f"{dst} already exists; pass --overwrite to replace it")
-  if not dst.parent.is_dir():
-    raise InputError(f"{dst.parent} is not a directory")
+  if fileio.is_url(dst):
+    return  # object storage has no directories to check
+  missing = _missing_parents(dst)
+  existing = missing[-1].parent if missing else dst.absolute().parent
+  if not existing.is_dir():
+    raise InputError(f"{existing} is not a directory")
 
 
 @contextlib.contextmanager
-def staged(dst: pathlib.Path, overwrite: bool):
-  """Yields a staging path beside `dst`; renames it to `dst` on success, deletes it on any error.
+def staged(dst, overwrite: bool):
+  """Yields a local staging path for `dst`; puts it in place as `dst` on success, deletes it on
+  any error.
 
-  Beside, not in /tmp: the final rename must stay on one filesystem to be atomic and cheap.
+  Local `dst`: beside it, not in /tmp (the final rename must stay on one filesystem to be atomic
+  and cheap); missing parent directories are created, and removed again on failure. gs:// `dst`:
+  in a local temporary directory (same file name), uploaded by `_publish_remote` on success.
   """
   check_destination(dst, overwrite)
+  if fileio.is_url(dst):
+    with tempfile.TemporaryDirectory(prefix="geex-convert-") as tmp:
+      local = pathlib.Path(tmp) / dst.name
+      yield local
+      _publish_remote(local, dst)
+    return
+  created = _missing_parents(dst)
+  for parent in reversed(created):
+    parent.mkdir()
   stage = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
   try:
     yield stage
@@ -117,7 +154,74 @@ def staged(dst: pathlib.Path, overwrite: bool):
       stage.rename(dst)
   except BaseException:
     _remove(stage)
+    for parent in created:  # nearest first; only what this run created, and only if empty
+      try:
+        parent.rmdir()
+      except OSError:
+        break
     raise
+
+
+def _publish_remote(local: pathlib.Path, dst) -> None:
+  """Uploads the finished local output to a hidden name beside gs:// `dst`, then moves it into
+  place (an existing `dst`, i.e. --overwrite, is moved aside first and deleted after). config.json
+  is copied last, so a reader never finds a checkpoint's config without all of its params."""
+  target = os.fspath(dst)
+  parent, name = target.rsplit("/", 1)
+  tag = uuid.uuid4().hex[:8]
+  upload = f"{parent}/.{name}.partial-{tag}"
+  last = (checkpoints.CONFIG_FILE,)
+  try:
+    _upload_and_move(local, dst, target, upload, old=f"{parent}/.{name}.old-{tag}", last=last)
+  except OSError as e:  # the network, permissions, a missing bucket: one line, exit code 2
+    raise CheckpointError(f"cannot write {target}: {type(e).__name__}: {e}") from None
+
+
+def _upload_and_move(local: pathlib.Path, dst, target: str, upload: str, *, old: str,
+                     last: tuple[str, ...]) -> None:
+  try:
+    if local.is_dir():
+      fileio.copy_tree(local, upload, last=last)
+    else:
+      fileio.copy_file(local, upload)
+    moved_aside = dst.exists()
+    if moved_aside:
+      fileio.move_remote_tree(target, old)
+    try:
+      fileio.move_remote_tree(upload, target, last=last)
+    except BaseException:
+      if moved_aside:
+        fileio.move_remote_tree(old, target)  # put the previous DST back
+      raise
+    if moved_aside:
+      fileio.remove(old)
+  finally:
+    fileio.remove(upload)  # gone already after a successful move
+
+
+@contextlib.contextmanager
+def _local_source(src: os.PathLike):
+  """A local path for a released checkpoint at SRC: SRC itself, or for gs:// a copy in a local
+  temporary directory (the file, or a directory's mp_rank_XX shard files), deleted afterwards."""
+  if not fileio.is_url(src):
+    yield pathlib.Path(src)
+    return
+  remote = fileio.as_path(src)
+  if not remote.exists():
+    raise InputError(f"{src}: no such file or directory")
+  with tempfile.TemporaryDirectory(prefix="geex-convert-src-") as tmp:
+    local = pathlib.Path(tmp) / remote.name
+    try:
+      if remote.is_dir():
+        local.mkdir()
+        for child in remote.iterdir():
+          if torch_io.SHARD_PATTERN.match(child.name):
+            fileio.copy_file(child, local / child.name)
+      else:
+        fileio.copy_file(remote, local)
+    except OSError as e:
+      raise InputError(f"cannot read {src}: {type(e).__name__}: {e}") from None
+    yield local
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -383,10 +487,20 @@ def torch_to_jax(src: os.PathLike, dst: os.PathLike, *, dtype: str = "bf16",
                  notify: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
                  ) -> Summary:
   """Converts a released checkpoint (file, fused-QKV file or mp_rank_XX shard directory) at SRC
-  into a geex-jax params checkpoint at DST (config.json + params/)."""
-  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  into a geex-jax params checkpoint at DST (config.json + params/). Either may be gs://."""
+  dst = _dst_path(dst)
   np_dtype = _np_dtype(dtype, TORCH_TO_JAX_DTYPES)
   check_destination(dst, overwrite)  # before reading anything: fail fast
+  with _local_source(src) as local_src:
+    return _torch_to_jax(local_src, dst, np_dtype, preset=preset, num_heads=num_heads,
+                         vocab_size=vocab_size, scan_layers=scan_layers, verify=verify,
+                         overwrite=overwrite, trust_pickle=trust_pickle, compress=compress,
+                         progress=progress, notify=notify)
+
+
+def _torch_to_jax(src: pathlib.Path, dst, np_dtype: np.dtype, *, preset, num_heads, vocab_size,
+                  scan_layers, verify, overwrite, trust_pickle, compress, progress,
+                  notify) -> Summary:
   start = time.perf_counter()
   source = torch_io.TorchSource(src, trust_pickle=trust_pickle)
   config = infer_config(source.shapes, preset=preset, num_heads=num_heads, vocab_size=vocab_size)
@@ -420,6 +534,8 @@ def torch_to_jax(src: os.PathLike, dst: os.PathLike, *, dtype: str = "bf16",
                       np_dtype.name, seconds, rss, max(source.nbytes, total))
     if verify:
       summary.verify = verify_torch_to_jax(source, stage, config)
+    if fileio.is_url(dst):
+      checkpoints.mark_committed(stage)  # what Orbax looks for on GCS
   return summary
 
 
@@ -470,8 +586,9 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
                  verify: bool = False, overwrite: bool = False,
                  progress: Optional[bool] = None) -> Summary:
   """Converts a geex-jax checkpoint (params-only, run dir or step dir) at SRC to the released
-  layout: one file DST, or with shards > 1 a directory DST of mp_rank_XX_model_states.pt."""
-  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  layout: one file DST, or with shards > 1 a directory DST of mp_rank_XX_model_states.pt. Either
+  may be gs:// (a gs:// SRC is read in place, through TensorStore)."""
+  dst = _dst_path(dst)
   np_dtype = _np_dtype(dtype, JAX_TO_TORCH_DTYPES)
   if shards < 1:
     raise InputError(f"--shards must be >= 1, got {shards}")

@@ -17,6 +17,9 @@ Two layouts, both readable by `load_params(DIR)`:
 
 The params tree is stored in the layout of the stored config's `scan_layers` (stacked `layers`
 or `layers_0..`); `load_params` converts it to the layout the caller asks for.
+
+Every DIR may be a local path or a gs:// URL (`fileio.as_path` decides which; Orbax and TensorStore
+read and write GCS themselves). The paths returned here are `etils.epath.Path`s.
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ import json
 import logging
 import mmap
 import os
-import pathlib
 import sys
 from typing import Any, Optional
 
@@ -41,21 +43,34 @@ CONFIG_FILE = "config.json"
 PARAMS_ITEM = "params"
 CHECKPOINTS_SUBDIR = "checkpoints"
 FORMAT_TAG = "geex-jax"
+# Orbax's mark of a finished checkpoint on GCS, where it cannot rename a temporary directory into
+# place: a gs:// checkpoint (or step) without it is incomplete and is not restored.
+GCS_COMMIT_FILE = "commit_success.txt"
 
 
 def save_config(directory: os.PathLike, config: CodeGeeXConfig) -> None:
-  path = pathlib.Path(directory)
-  path.mkdir(parents=True, exist_ok=True)
+  path = fileio.as_path(directory)
+  if not fileio.is_url(path):
+    path.mkdir(parents=True, exist_ok=True)
   payload = {"format": FORMAT_TAG, "model": dataclasses.asdict(config)}
-  tmp = path / (CONFIG_FILE + ".tmp")
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-  tmp.replace(path / CONFIG_FILE)
+  fileio.write_atomic(path / CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _self_and_parents(path) -> list:
+  """`path` and its parents, up to the filesystem root or (gs://) the bucket."""
+  chain = [path, *path.parents]
+  if fileio.is_url(path):
+    # epath lists the scheme itself ("gs://") and "/" as parents of a bucket.
+    chain = [p for p in chain if fileio.is_url(p) and os.fspath(p).split("://", 1)[1]]
+  return chain
 
 
 def load_config(directory: os.PathLike) -> CodeGeeXConfig:
   """Reads config.json from DIR or the nearest parent that has one (a step dir's run dir)."""
-  path = pathlib.Path(directory).resolve()
-  for candidate in (path, *path.parents):
+  path = fileio.as_path(directory)
+  if not fileio.is_url(path):
+    path = type(path)(os.path.realpath(path))
+  for candidate in _self_and_parents(path):
     f = candidate / CONFIG_FILE
     if f.is_file():
       try:
@@ -68,17 +83,28 @@ def load_config(directory: os.PathLike) -> CodeGeeXConfig:
 
 def latest_step(model_dir: os.PathLike) -> Optional[int]:
   """The newest finished step under MODEL_DIR/checkpoints, or None."""
-  root = pathlib.Path(model_dir) / CHECKPOINTS_SUBDIR
+  root = fileio.as_path(model_dir) / CHECKPOINTS_SUBDIR
   if not root.is_dir():
     return None
+  remote = fileio.is_url(root)
   steps = [int(p.name) for p in root.iterdir()
-           if p.is_dir() and p.name.isdigit() and (p / PARAMS_ITEM).is_dir()]
+           if p.name.isdigit() and (p / PARAMS_ITEM).is_dir()
+           and (not remote or (p / GCS_COMMIT_FILE).exists())]
   return max(steps) if steps else None
 
 
-def params_path(directory: os.PathLike) -> pathlib.Path:
-  """The Orbax params directory of a params-only checkpoint, a run dir, or a step dir."""
-  path = pathlib.Path(directory)
+def mark_committed(directory: os.PathLike) -> None:
+  """Adds Orbax's GCS commit mark to the params of a checkpoint written locally, so that once
+  uploaded to gs:// it restores like one Orbax wrote there (the converter writes locally, then
+  uploads)."""
+  path = fileio.as_path(directory) / PARAMS_ITEM
+  (path / GCS_COMMIT_FILE).write_text(f"Checkpoint commit was successful to {path}")
+
+
+def params_path(directory: os.PathLike):
+  """The Orbax params directory (an epath.Path) of a params-only checkpoint, a run dir, or a step
+  dir."""
+  path = fileio.as_path(directory)
   if not path.exists():
     raise CheckpointError(f"checkpoint not found: {path}")
   if (path / PARAMS_ITEM).is_dir():
@@ -93,7 +119,7 @@ def params_path(directory: os.PathLike) -> pathlib.Path:
 def save_params(directory: os.PathLike, config: CodeGeeXConfig, params: Any) -> None:
   """Writes a params-only checkpoint (config.json + params/)."""
   import orbax.checkpoint as ocp
-  path = pathlib.Path(directory).absolute()
+  path = fileio.as_path(directory)
   save_config(path, config)
   with ocp.PyTreeCheckpointer() as ckptr:
     ckptr.save(path / PARAMS_ITEM, params, force=True)
@@ -112,7 +138,7 @@ def load_params(directory: os.PathLike, *, dtype: Optional[Any] = None,
   """
   import orbax.checkpoint as ocp
   config = load_config(directory)
-  path = params_path(directory).absolute()
+  path = params_path(directory)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       metadata = ckptr.metadata(path)
@@ -328,7 +354,7 @@ def save_params_streaming(directory: os.PathLike, config: CodeGeeXConfig, tree: 
       (LazyArray, _lazy_handler(on_bytes, buffer_bytes)),
       (np.ndarray, type_handlers.NumpyHandler()),
       (_jax.Array, type_handlers.ArrayHandler()))
-  path = pathlib.Path(directory).absolute()
+  path = fileio.as_path(directory)
   save_config(path, config)
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress,
                                         use_ocdbt=False)
@@ -342,10 +368,11 @@ def save_params_streaming(directory: os.PathLike, config: CodeGeeXConfig, tree: 
       ckptr.save(path / PARAMS_ITEM, tree, force=True)
   finally:
     absl_logger.removeFilter(quiet)
-  sync_tree(path)
+  if not fileio.is_url(path):  # a GCS object is durable once its upload has finished
+    sync_tree(path)
 
 
-def sync_tree(root: pathlib.Path) -> None:
+def sync_tree(root: os.PathLike) -> None:
   """fsyncs every file and directory under `root` (one pass instead of a sync per write)."""
   for directory, _, files in os.walk(root, topdown=False):
     for name in [*files, "."]:
@@ -369,7 +396,7 @@ class StoredParams:
   def __init__(self, directory: os.PathLike):
     import tensorstore as ts
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-    self.path = params_path(directory).absolute()  # first: "not found" beats "no config.json"
+    self.path = params_path(directory)  # first: "not found" beats "no config.json"
     self.config = load_config(directory)
     try:
       meta = json.loads((self.path / "_METADATA").read_text())

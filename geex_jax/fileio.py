@@ -1,17 +1,101 @@
-"""Small file helpers every CLI shares: whole-or-nothing writes, fsync by path, JSONL(.gz)."""
+"""Small file helpers every CLI shares: local paths and gs:// URLs, whole-or-nothing writes, fsync
+by path, JSONL(.gz).
+
+Where a path's kind is decided: `as_path`. A URL (`gs://bucket/dir`; epath's other schemes work
+the same way) stays that URL, as an `epath.Path` on the remote backend; anything else is a local
+path, made absolute. Nothing here turns one kind into the other (`pathlib.Path("gs://b/x")`
+would be the local folder `./gs:/b/x`; `epath.Path("gs://b/x").absolute()` too).
+
+Remote I/O goes through etils.epath (gcsfs; TensorFlow's gfile where TensorFlow is installed and
+`EPATH_USE_TF` is not 0), gcsfs itself for listings and server-side moves, and Orbax/TensorStore,
+which speak GCS themselves. With `STORAGE_EMULATOR_HOST` set (a GCS emulator,
+e.g. in tests) the gs:// filesystem is set up for it: anonymous, plain HTTP (see
+`_use_emulator`). TensorStore is pointed at the same emulator by `TENSORSTORE_GCS_HTTP_URL` and
+`GOOGLE_AUTH_TOKEN_FOR_TESTING`.
+"""
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import pathlib
+import posixpath
+import re
+import shutil
 import tempfile
+import threading
 import zlib
 from typing import Any, Iterator, Union
 
 from geex_jax.errors import InputError
 
 PathLike = Union[str, os.PathLike]
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEMES = ("gs", "s3", "az", "hf")  # what epath serves (gs:// is the tested one)
+_COPY_CHUNK = 16 << 20
+
+
+def is_url(path: PathLike) -> bool:
+  """Whether `path` names remote storage (gs://...) rather than a local file."""
+  return bool(_URL.match(os.fspath(path)))
+
+
+def as_path(path: PathLike):
+  """THE decision between local and remote: an `epath.Path` for a gs:// URL (unchanged) or for
+  the absolute local path. Raises InputError for a URL scheme epath cannot serve (http://,
+  file://, ...), which would otherwise become a local folder."""
+  from etils import epath
+  text = os.fspath(path)
+  match = _URL.match(text)
+  if match is None:
+    return epath.Path(os.path.abspath(text))
+  if match.group(1).lower() not in _SCHEMES:
+    raise InputError(f"{text}: unsupported URL scheme {match.group(1)}:// (use a local path or "
+                     "gs://bucket/...)")
+  _use_emulator()
+  return epath.Path(text)
+
+
+def resolve(path: PathLike) -> str:
+  """`as_path` as a string: the absolute local path, or the URL as given."""
+  return os.fspath(as_path(path))
+
+
+_emulator_lock = threading.Lock()
+_emulator_done = False
+
+
+def _use_emulator() -> None:
+  """With STORAGE_EMULATOR_HOST set (gcsfs then talks to that endpoint), make the gs://
+  filesystem one that works against an emulator: no credentials (gcsfs would otherwise look for
+  Google credentials, i.e. probe the GCE metadata server) and the plain HTTP filesystem (gcsfs's
+  default extended one asks a gRPC control plane, which an emulator does not serve, for each
+  bucket's layout, retrying for minutes). Explicit fsspec settings (FSSPEC_GS_TOKEN, ...) win."""
+  global _emulator_done
+  if _emulator_done or not os.environ.get("STORAGE_EMULATOR_HOST"):
+    return
+  with _emulator_lock:
+    if _emulator_done:
+      return
+    try:
+      import fsspec
+      import fsspec.config
+      from gcsfs.core import GCSFileSystem
+    except ImportError:  # no gcsfs: epath falls back to TensorFlow, which ignores emulators
+      _emulator_done = True
+      return
+    for protocol in ("gs", "gcs"):
+      fsspec.config.conf.setdefault(protocol, {}).setdefault("token", "anon")
+      fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+    try:  # a filesystem epath built before this point is built again, set up as above
+      from etils.epath import backend
+      backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+    except (ImportError, AttributeError):
+      pass
+    _emulator_done = True
 
 
 def fsync_path(path: PathLike) -> None:
@@ -26,8 +110,12 @@ def fsync_path(path: PathLike) -> None:
 def write_atomic(path: PathLike, text: str, *, fsync: bool = False) -> None:
   """Writes a whole file or nothing: a temp file in the same directory, then a rename.
 
-  fsync: flush to disk before the rename (state files that must survive a crash).
+  fsync: flush to disk before the rename (state files that must survive a crash). A gs:// object
+  is written in one upload, which is whole or nothing by itself.
   """
+  if is_url(path):
+    as_path(path).write_text(text, encoding="utf-8")
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -44,15 +132,117 @@ def write_atomic(path: PathLike, text: str, *, fsync: bool = False) -> None:
     raise
 
 
+def open_binary(path: PathLike) -> io.BufferedIOBase:
+  """A seekable binary reader of a local file or a gs:// object."""
+  if is_url(path):
+    return as_path(path).open("rb")
+  return open(path, "rb")
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+  """Copies one file between any two places (local <-> gs://), streaming through epath."""
+  src_path, dst_path = as_path(src), as_path(dst)
+  if not is_url(dst):
+    dst_path.parent.mkdir(parents=True, exist_ok=True)
+  with src_path.open("rb") as fin, dst_path.open("wb") as fout:
+    shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+
+
+def _remote_fs(url: PathLike):
+  """(fsspec filesystem, bucket/key path without the scheme) of a URL, listings uncached."""
+  import fsspec
+  _use_emulator()
+  fs, root = fsspec.core.url_to_fs(os.fspath(url))
+  fs.invalidate_cache()
+  return fs, root.rstrip("/")
+
+
+def list_files(root: PathLike) -> list[str]:
+  """Paths of every file under directory `root` (local or gs://), relative to it,
+  '/'-separated, sorted."""
+  if is_url(root):
+    fs, base = _remote_fs(root)
+    return sorted(posixpath.relpath(p, base) for p in fs.find(base) if not p.endswith("/"))
+  out = []
+  for directory, _, files in os.walk(root):
+    rel = os.path.relpath(directory, root)
+    out += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/") for name in files]
+  return sorted(out)
+
+
+def _ordered(files: list[str], last: tuple[str, ...]) -> list[str]:
+  return [f for f in files if f not in last] + [f for f in files if f in last]
+
+
+def copy_tree(src: PathLike, dst: PathLike, *, last: tuple[str, ...] = ()) -> None:
+  """Copies every file under directory `src` to the same relative paths under `dst` (local <->
+  gs://). Files named in `last` (relative paths, e.g. config.json) are copied after all others,
+  so a reader that looks for them first never sees an incomplete tree."""
+  src_root, dst_root = os.fspath(as_path(src)), os.fspath(as_path(dst))
+  for rel in _ordered(list_files(src), last):
+    copy_file(f"{src_root}/{rel}", f"{dst_root}/{rel}")
+
+
+def move_remote_tree(src: str, dst: str, *, last: tuple[str, ...] = ()) -> None:
+  """Moves the object `src`, or every object under gs:// prefix `src`, to `dst` (server-side
+  copies, then deletes `src`); files in `last` are copied last. GCS has no atomic rename: if a
+  copy fails, what was copied to `dst` is deleted again before the error propagates."""
+  fs, base = _remote_fs(src)
+  _, target = _remote_fs(dst)
+  if fs.isfile(base):  # one object: its copy appears whole or not at all
+    fs.copy(base, target)
+    fs.rm_file(base)
+    return
+  done = []
+  try:
+    for rel in _ordered(list_files(src), last):
+      fs.copy(f"{base}/{rel}", f"{target}/{rel}")
+      done.append(rel)
+  except BaseException:
+    for rel in done:
+      try:
+        fs.rm_file(f"{target}/{rel}")
+      except OSError:
+        pass
+    raise
+  fs.rm(base, recursive=True)
+
+
+def remove(path: PathLike) -> None:
+  """Deletes a file or a whole tree, local or remote; absent is fine."""
+  if is_url(path):
+    fs, key = _remote_fs(path)
+    try:
+      if fs.isdir(key):
+        fs.rm(key, recursive=True)
+      elif fs.exists(key):
+        fs.rm_file(key)
+    except FileNotFoundError:
+      pass
+    return
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.unlink(path)
+
+
 def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
-  """(line number, parsed value) of every non-blank line of a .jsonl or .jsonl.gz file.
+  """(line number, parsed value) of every non-blank line of a .jsonl or .jsonl.gz file (local or
+  gs://).
 
   Raises InputError (one actionable line) for an unreadable file or a line that is not JSON.
   """
-  path = pathlib.Path(path)
-  opener = gzip.open if path.suffix == ".gz" else open
+  remote = is_url(path)
+  path = as_path(path) if remote else pathlib.Path(path)
   try:
-    with opener(path, "rt", encoding="utf-8") as f:
+    with contextlib.ExitStack() as stack:
+      if remote:
+        raw = stack.enter_context(path.open("rb"))
+        f = (gzip.open(raw, "rt", encoding="utf-8") if path.suffix == ".gz"
+             else io.TextIOWrapper(raw, encoding="utf-8"))
+      else:
+        f = (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8")
+      stack.enter_context(f)
       for lineno, line in enumerate(f, 1):
         if not line.strip():
           continue

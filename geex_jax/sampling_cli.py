@@ -116,10 +116,10 @@ def _check_args(a) -> None:
   if a.model_parallel < 1 or a.max_batch < 1:
     raise InputError("--model_parallel and --max_batch must be >= 1")
   token_sampling.seed_value(a.seed)
-  from etils import epath
-  if not epath.Path(a.checkpoint).exists():  # a local path or gs://
+  from geex_jax import fileio
+  if not fileio.as_path(a.checkpoint).exists():  # a local path or gs://
     raise InputError(f"checkpoint not found: {a.checkpoint}")
-  if a.tokenizer != "bytes" and not epath.Path(a.tokenizer).is_dir():
+  if a.tokenizer != "bytes" and not fileio.as_path(a.tokenizer).is_dir():
     raise InputError(f"tokenizer directory not found: {a.tokenizer}")
   if a.output:  # fail before sampling, not after it
     parent = os.path.dirname(os.path.abspath(a.output))

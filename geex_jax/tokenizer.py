@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import re
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 from geex_jax.errors import InputError
 
@@ -191,12 +191,57 @@ class ByteTokenizer:
 
 
 def load_tokenizer(directory: Optional[str | os.PathLike]) -> Tokenizer:
-  """CodeGeeXTokenizer from `directory`, or the ByteTokenizer fallback when it is None/empty."""
+  """CodeGeeXTokenizer from `directory` (local or gs://), or the ByteTokenizer fallback when it is
+  None/empty."""
+  from geex_jax import fileio
   if directory is None or os.fspath(directory) == "":
     return ByteTokenizer()
+  if fileio.is_url(directory):
+    return _cached_from_url(os.fspath(directory).rstrip("/"))
   if not os.path.isdir(directory):
     raise InputError(f"tokenizer directory {os.fspath(directory)!r} does not exist")
   return _cached_from_dir(os.path.abspath(os.fspath(directory)))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_from_url(url: str) -> CodeGeeXTokenizer:
+  """A tokenizer directory on remote storage: its files are read through epath into a local
+  temporary directory (the `tokenizers` library reads local files only) and loaded from there."""
+  import tempfile
+  from geex_jax import fileio
+  remote = fileio.as_path(url)
+  if not remote.is_dir():
+    raise InputError(f"tokenizer directory {url!r} does not exist")
+  missing = [f for f in _REQUIRED_FILES if not (remote / f).is_file()]
+  if missing:
+    raise InputError(f"tokenizer directory {url!r} lacks {', '.join(missing)} "
+                     "(expected the released CodeGeeX tokenizer files)")
+  with tempfile.TemporaryDirectory(prefix="geex-tokenizer-") as local:
+    for name in (*_REQUIRED_FILES, "added_tokens.json"):
+      if name in _REQUIRED_FILES or (remote / name).is_file():
+        fileio.copy_file(remote / name, os.path.join(local, name))
+    try:
+      tokenizer = CodeGeeXTokenizer.from_dir(local)
+    except InputError as e:  # name the URL, not the temporary copy
+      raise InputError(str(e).replace(repr(local), repr(url))) from None
+  tokenizer.directory = url
+  return tokenizer
+
+
+def as_tokenizer(tokenizer: Any) -> Tokenizer:
+  """A tokenizer object for an argument that may name one.
+
+  A path (str or os.PathLike) or None is a directory of tokenizer files (None / "" = the byte
+  fallback), loaded by `load_tokenizer`; anything else must already be a tokenizer. (Duck typing
+  on `.encode` is wrong here: `str` has an `encode` method too.)
+  """
+  if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+    return load_tokenizer(tokenizer)
+  missing = [a for a in ("encode", "decode", "vocab_size", "eos_id") if not hasattr(tokenizer, a)]
+  if missing:
+    raise InputError(f"{type(tokenizer).__name__} is neither a tokenizer directory nor a "
+                     f"tokenizer (it lacks {', '.join(missing)})")
+  return tokenizer
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,7 +8,8 @@ optimizer state sharded by the model's logical axes (partitioning.LOGICAL_AXIS_R
 split over data x fsdp, the state donated. Each host reads only its rows of the global batch.
 Checkpoints (Orbax CheckpointManager, async) go to MODEL_DIR/checkpoints/<step>/{params,opt_state,
 data_state}; a restarted run resumes from the latest one, bit-exactly (the data iterator state is
-part of the checkpoint and the dropout key is a function of the step).
+part of the checkpoint and the dropout key is a function of the step). MODEL_DIR (and INIT_FROM)
+may be a local path or a gs:// URL (geex_jax.fileio.as_path).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -32,12 +34,16 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from geex_jax import batches as batches_lib  # noqa: F401  (registers the gin batch sources)
-from geex_jax import checkpoints, optim, partitioning
+from geex_jax import checkpoints, fileio, optim, partitioning
 from geex_jax.errors import CheckpointError, ConfigError, GeexError, cli_errors
 from geex_jax.model import CodeGeeX, CodeGeeXConfig, init_params, param_logical_specs
 
 PROG = "geex-train"
-GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
+# gin_configs/: installed inside the package (geex_jax/gin_configs, see pyproject.toml), or the
+# checkout's top-level folder (editable installs and running from the source tree).
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+GIN_DIR = next((d for d in (_PACKAGE_DIR / "gin_configs", _PACKAGE_DIR.parent / "gin_configs")
+                if d.is_dir()), _PACKAGE_DIR.parent / "gin_configs")
 METRICS_FILE = "metrics.jsonl"
 
 # The model config is built from gin (`MODEL = @CodeGeeXConfig()` in gin_configs/models/base.gin).
@@ -223,12 +229,13 @@ def host_data_shard(sharding: NamedSharding, global_batch: int) -> tuple[int, in
 # Checkpoints.
 
 
-def _make_manager(model_dir: pathlib.Path, keep: int, async_save: bool):
+def _make_manager(model_dir, keep: int, async_save: bool):
+  """model_dir: an epath.Path from fileio.as_path (absolute local, or gs://)."""
   import orbax.checkpoint as ocp
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                          create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
-      (model_dir / checkpoints.CHECKPOINTS_SUBDIR).absolute(), options=options,
+      model_dir / checkpoints.CHECKPOINTS_SUBDIR, options=options,
       item_names=(checkpoints.PARAMS_ITEM, "opt_state", "data_state"))
 
 
@@ -309,24 +316,87 @@ def _init_from(path: str, config: CodeGeeXConfig, shardings: Any) -> Any:
 # Metrics output.
 
 
+class _MetricsLog:
+  """MODEL_DIR/metrics.jsonl: one JSON line per step, local or gs://.
+
+  Opening it for a run that starts at step `start` drops the lines of later steps (a killed run
+  logged steps past its last checkpoint; this run logs them again) and a line torn by a kill,
+  rewriting the file whole, so that the log reads like one uninterrupted run. Locally the lines
+  are then appended line-buffered (a killed run keeps every line it wrote). A gs:// object cannot
+  be appended to: the lines go to a local copy, and the whole file is uploaded at every checkpoint
+  (`sync(force=True)`), otherwise at most every `upload_every_s` seconds, and at the end; a kill
+  loses at most the lines since the last upload, steps a resumed run logs again anyway.
+  """
+
+  def __init__(self, path, start: int, upload_every_s: float = 60.0):
+    self.path, self.remote = path, fileio.is_url(path)
+    self.upload_every_s = upload_every_s
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = "".join(line + "\n" for line in _lines_up_to(text, start))
+    if kept != text:
+      fileio.write_atomic(path, kept)
+    if self.remote:
+      self._file = tempfile.NamedTemporaryFile("w+", encoding="utf-8", prefix="geex-metrics-",
+                                               suffix=".jsonl", buffering=1)
+      self._file.write(kept)
+    else:
+      self._file = open(path, "a", encoding="utf-8", buffering=1)
+    self._dirty, self._uploaded = False, time.monotonic()
+
+  def write(self, record: dict) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    self._dirty = True
+    self.sync()
+
+  def sync(self, force: bool = False) -> None:
+    """Uploads the whole log (gs:// only) if lines were added and `force` or it is time."""
+    if not (self.remote and self._dirty):
+      return
+    if not force and time.monotonic() - self._uploaded < self.upload_every_s:
+      return
+    self._file.flush()
+    self._file.seek(0)
+    text = self._file.read()
+    fileio.write_atomic(self.path, text)
+    self._dirty, self._uploaded = False, time.monotonic()
+
+  def close(self) -> None:
+    try:
+      self.sync(force=True)
+    finally:
+      self._file.close()
+
+
+def _lines_up_to(text: str, start: int) -> list[str]:
+  """The lines of a metrics log that a run resuming at step `start` keeps: no step > start, no
+  blank or torn (unparseable) line."""
+  kept = []
+  for line in text.splitlines():
+    try:
+      rec = json.loads(line)
+    except ValueError:  # blank, or torn by a kill
+      continue
+    step = rec.get("step") if isinstance(rec, dict) else None
+    if isinstance(step, int) and step > start:
+      continue
+    kept.append(line)
+  return kept
+
+
 class _Reporter:
   """Console progress bar, TensorBoard events and MODEL_DIR/metrics.jsonl (process 0 only)."""
 
-  def __init__(self, model_dir: pathlib.Path, start: int, total: int, enabled: bool,
+  def __init__(self, model_dir, start: int, total: int, enabled: bool,
                progress: bool, tensorboard: bool):
     self.enabled = enabled
     self.bar = self.tb = self.jsonl = None
     if not enabled:
       return
-    path = model_dir / METRICS_FILE
-    # A killed run may have left half a line: start ours on a fresh one.
-    torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-    self.jsonl = open(path, "a", buffering=1)  # line-buffered: a killed run keeps its log
-    if torn:
-      self.jsonl.write("\n")
+    self.jsonl = _MetricsLog(model_dir / METRICS_FILE, start)
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(model_dir / "tensorboard"))
+      # tensorboardX writes gs:// itself (google-cloud-storage), as MaxText's writer does.
+      self.tb = SummaryWriter(os.fspath(model_dir / "tensorboard"))
     if progress:
       from tqdm import tqdm
       # Into a log file (not a terminal) a redraw every 0.1 s is noise: every 30 s there.
@@ -336,7 +406,7 @@ class _Reporter:
   def step(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.write({"step": step, **metrics})
     if self.tb is not None:
       for k, v in metrics.items():
         self.tb.add_scalar(f"train/{k}", v, step)
@@ -348,6 +418,11 @@ class _Reporter:
       if "mfu" in metrics:
         shown["mfu"] = f"{metrics['mfu']:.1%}"
       self.bar.set_postfix(shown, refresh=False)
+
+  def checkpointed(self) -> None:
+    """A checkpoint was saved: bring the remote metrics log up to date."""
+    if self.jsonl is not None:
+      self.jsonl.sync(force=True)
 
   def message(self, text: str) -> None:
     if not self.enabled:
@@ -370,7 +445,7 @@ def read_metrics(model_dir: os.PathLike) -> dict[int, dict]:
   """{step: metrics} from MODEL_DIR/metrics.jsonl; a step logged twice (re-run after a resume)
   keeps its last record."""
   out = {}
-  path = pathlib.Path(model_dir) / METRICS_FILE
+  path = fileio.as_path(model_dir) / METRICS_FILE
   if path.exists():
     for line in path.read_text().splitlines():
       try:
@@ -469,7 +544,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
                       f"{config.max_position}")
   if microbatches < 1 or batch_size % microbatches:
     raise ConfigError(f"batch_size {batch_size} is not divisible by microbatches {microbatches}")
-  model_dir = pathlib.Path(model_dir).absolute()
+  model_dir = fileio.as_path(model_dir)  # absolute local path, or gs:// as given
 
   devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
   try:
@@ -592,6 +667,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
           finish(*pending)  # never checkpoint a diverged state
           pending = None
           _save(manager, state, data_state, step + 1)
+          reporter.checkpointed()
           last_saved = step + 1
       if pending is not None:
         finish(*pending)
@@ -699,6 +775,15 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
     logging.getLogger().removeFilter(quiet)
 
 
+def _unwrapped_type(error: Exception) -> type:
+  """The class of `error` before gin wrapped it. gin re-raises an exception from a configurable
+  as an instance of a local subclass (`ExceptionProxy`) whose __init__ takes no message."""
+  cls = type(error)
+  while "augment_exception_message" in getattr(cls.__init__, "__qualname__", ""):
+    cls = cls.__mro__[1]
+  return cls
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args, bindings = _parse_args(argv)
   with cli_errors(PROG):
@@ -712,7 +797,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       result = train()
     except GeexError as e:
       # gin appends "In call to configurable ..." lines: keep the user's line only.
-      raise type(e)(str(e).splitlines()[0]) from None
+      raise _unwrapped_type(e)(str(e).splitlines()[0]) from None
     except (TypeError, ValueError, RuntimeError) as e:
       if "configurable" in str(e) or "Required bindings" in str(e):
         raise ConfigError("gin: " + str(e).splitlines()[0]) from None

@@ -143,3 +143,37 @@ def test_streaming_writer_stops_at_the_first_failing_piece(tmp_path):
   with pytest.raises(CheckpointError, match="piece 3 failed"):
     checkpoints.save_params_streaming(tmp_path / "ck", tiny(), tree, buffer_bytes=32)
   assert max(produced) < 10  # what was not begun when it failed is skipped
+
+
+def test_local_paths_stay_local_and_gs_urls_stay_urls(tmp_path, monkeypatch):
+  """fileio.as_path is where a path's kind is decided: a relative path becomes the absolute
+  local path, a gs:// URL stays that URL (never the local folder ./gs:/bucket/...)."""
+  import os
+  from geex_jax import fileio
+  from geex_jax.errors import InputError
+  monkeypatch.chdir(tmp_path)
+  local = fileio.as_path("ckpt/run")
+  assert not fileio.is_url(local) and os.fspath(local) == str(tmp_path / "ckpt" / "run")
+  assert os.fspath(local / "checkpoints") == str(tmp_path / "ckpt" / "run" / "checkpoints")
+  remote = fileio.as_path("gs://bucket/run/")
+  assert fileio.is_url(remote) and os.fspath(remote) == "gs://bucket/run"
+  assert os.fspath(remote / checkpoints.CHECKPOINTS_SUBDIR / "6") == "gs://bucket/run/checkpoints/6"
+  assert fileio.resolve("gs://bucket/run") == "gs://bucket/run"
+  assert fileio.resolve(remote) == "gs://bucket/run"  # an epath.Path of a URL stays one too
+  # load_config looks for config.json up to the bucket, not in "gs://" or "/".
+  chain = [os.fspath(p) for p in checkpoints._self_and_parents(remote / "checkpoints" / "6")]
+  assert chain == ["gs://bucket/run/checkpoints/6", "gs://bucket/run/checkpoints",
+                   "gs://bucket/run", "gs://bucket"]
+  for url in ("http://host/run", "file:///tmp/run"):
+    with pytest.raises(InputError, match="unsupported URL scheme"):
+      fileio.as_path(url)
+
+  # Writing a config to gs:// goes to the URL (captured here, no emulator needed).
+  written = []
+  monkeypatch.setattr(fileio, "write_atomic", lambda path, text, **kw: written.append(
+      os.fspath(path)))
+  checkpoints.save_config("gs://bucket/run", tiny())
+  checkpoints.save_config("relative/run", tiny())
+  assert written == ["gs://bucket/run/config.json", str(tmp_path / "relative" / "run" /
+                                                        "config.json")]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["relative"]  # no ./gs: folder

@@ -243,8 +243,15 @@ def build_corpus(sources: Sequence[str], out: str, *, languages: Optional[Sequen
   if not sources:
     raise InputError("no --src directory given")
   for s in sources:
+    if fileio.is_url(s):
+      raise InputError(f"source {s!r}: the builder reads local directories (copy it here first)")
     if not os.path.exists(s):
       raise InputError(f"source {s!r} does not exist")
+  if fileio.is_url(out):
+    # The builder appends to local shards and state files; a gs:// URL must not become the local
+    # folder ./gs:/... either.
+    raise InputError(f"--out {out!r}: build into a local directory, then copy it to remote "
+                     "storage (e.g. `gcloud storage cp -r`); training reads a gs:// corpus")
   out = os.path.abspath(out)
   if os.path.exists(out) and not os.path.isdir(out):
     raise InputError(f"--out {out!r} exists and is not a directory")
@@ -275,11 +282,15 @@ def build_embedded_corpus(out: str, *, progress: bool = True) -> dict:
 
 
 def load_manifest(corpus_dir: str) -> dict:
-  """The manifest of a completed corpus; InputError when there is none."""
-  path = os.path.join(corpus_dir, MANIFEST)
+  """The manifest of a completed corpus (a local directory or gs://); InputError when there is
+  none."""
+  path = os.path.join(fileio.resolve(corpus_dir), MANIFEST)
   try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
+    if fileio.is_url(path):
+      manifest = json.loads(fileio.as_path(path).read_text(encoding="utf-8"))
+    else:
+      with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
   except FileNotFoundError:
     raise InputError(f"{corpus_dir!r} is not a built corpus (no {MANIFEST}); "
                      "run `geex-data build` first") from None

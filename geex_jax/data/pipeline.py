@@ -37,6 +37,7 @@ from typing import Any, Iterator, Mapping, Optional
 import gin
 import numpy as np
 
+from geex_jax import fileio
 from geex_jax import languages as langs
 from geex_jax.data import catalog
 from geex_jax.data.corpus import load_manifest
@@ -58,8 +59,8 @@ def register_corpus_tasks(corpus_dir: str = gin.REQUIRED, tokenizer_dir: Optiona
   """Registers one task per corpus language, `{name}_{slug}`, and the mixture `name`.
 
   Args:
-    corpus_dir: a directory built by `geex-data build`.
-    tokenizer_dir: the CodeGeeX tokenizer files; None = the byte-level fallback.
+    corpus_dir: a directory built by `geex-data build` (local, or copied to gs://).
+    tokenizer_dir: the CodeGeeX tokenizer files (local or gs://); None = the byte-level fallback.
     rates: {language: weight} overriding the paper's shares (see `mixture.language_rates`).
     name: the mixture name (and task-name prefix). Registering a name again replaces it.
     seqio_tasks: also register the seqio Tasks and Mixture (imports TensorFlow).
@@ -67,12 +68,13 @@ def register_corpus_tasks(corpus_dir: str = gin.REQUIRED, tokenizer_dir: Optiona
     the mixture name, for `make_batch_iterator(mixture_or_task=...)`.
   """
   manifest = load_manifest(corpus_dir)
-  tokenizer_dir = os.path.abspath(tokenizer_dir) if tokenizer_dir else None
+  # Absolute local paths, or gs:// URLs as given (never a local ./gs:/ folder).
+  tokenizer_dir = fileio.resolve(tokenizer_dir) if tokenizer_dir else None
   load_tokenizer(tokenizer_dir)  # fail now, with a clear message, on a bad directory
   specs = []
   for lang_name, info in sorted(manifest["languages"].items()):
     lang = langs.get(lang_name)
-    shards = tuple(os.path.join(os.path.abspath(corpus_dir), s) for s in info["shards"])
+    shards = tuple(os.path.join(fileio.resolve(corpus_dir), s) for s in info["shards"])
     specs.append(catalog.TaskSpec(f"{name}_{lang.slug}", lang.name, lang.tag, shards,
                                   int(info["documents"]), tokenizer_dir))
   if not specs:

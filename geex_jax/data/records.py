@@ -2,7 +2,8 @@
 
 The corpus stores one document per record, the payload being the file's UTF-8 text (no proto), so
 seqio reads the shards with `tf.data.TFRecordDataset` and the batch pipeline reads document k of a
-language with one seek, which is what makes its iterator state O(1) to restore.
+language with one seek, which is what makes its iterator state O(1) to restore. Reading works on
+local files and gs:// objects alike (geex_jax.fileio); writing is local (the corpus builder).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from geex_jax import fileio
 from geex_jax.errors import InputError
 
 # A record: uint64 length, uint32 masked CRC of the length, payload, uint32 masked CRC of the payload.
@@ -37,8 +39,9 @@ def write_records(path: str, payloads: Iterable[bytes]) -> int:
 def scan_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(payload offsets, payload lengths) of every record in a TFRecord file, from its headers."""
   offsets, lengths = [], []
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  size = (fileio.as_path(path).stat().length if fileio.is_url(path)
+          else os.path.getsize(path))
+  with fileio.open_binary(path) as f:
     pos = 0
     while pos < size:
       f.seek(pos)
@@ -64,7 +67,7 @@ class RecordReader:
       try:
         o, l = scan_offsets(p)
       except OSError as e:
-        raise InputError(f"cannot read corpus shard {p}: {e.strerror}") from None
+        raise InputError(f"cannot read corpus shard {p}: {e.strerror or e}") from None
       file_ids.append(np.full(len(o), i, np.int32))
       offsets.append(o)
       lengths.append(l)
@@ -80,7 +83,7 @@ class RecordReader:
     i = int(self._file[k])
     f = self._handles.get(i)
     if f is None:
-      f = self._handles[i] = open(self.paths[i], "rb")
+      f = self._handles[i] = fileio.open_binary(self.paths[i])
     f.seek(int(self._offset[k]))
     return f.read(int(self._length[k]))
 

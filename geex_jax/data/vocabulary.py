@@ -5,12 +5,13 @@ in the `tokenizers` library either way, and one implementation means one behavio
 """
 from __future__ import annotations
 
-import os
+
 from typing import Optional, Sequence
 
 import numpy as np
 import seqio
 
+from geex_jax import fileio
 from geex_jax.data.tf_import import import_tf
 from geex_jax.tokenizer import load_tokenizer
 
@@ -25,7 +26,7 @@ class CodeGeeXVocabulary(seqio.Vocabulary):
   """
 
   def __init__(self, tokenizer_dir: Optional[str] = None):
-    self.tokenizer_dir = os.path.abspath(tokenizer_dir) if tokenizer_dir else None
+    self.tokenizer_dir = fileio.resolve(tokenizer_dir) if tokenizer_dir else None
     self.tokenizer = load_tokenizer(self.tokenizer_dir)
     super().__init__(extra_ids=0)
 

@@ -55,7 +55,7 @@ def test_dependencies_are_what_the_code_imports():
   assert not missing, f"imported but not declared in pyproject.toml: {missing}"
   unused = (declared | optional) - set(used)
   # Declared for what they bring at run time rather than by import name.
-  unused -= {"tensorflow-text", "tensorflow-datasets", "gcsfs"}
+  unused -= {"tensorflow-text", "tensorflow-datasets"}
   assert not unused, f"declared in pyproject.toml but never imported: {sorted(unused)}"
 
 
