@@ -580,26 +580,30 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
   # State: resume > init_from > random init.
   is_main = jax.process_index() == 0
   manager = _make_manager(model_dir, keep_checkpoints, async_checkpointing)
-  start = manager.latest_step()
-  if start is not None:
-    _check_same_shape(config, checkpoints.load_config(model_dir), str(model_dir))
-    state, data_state = _restore(manager, start, shapes, shardings)
-    source.set_state(data_state)
-    how = f"resumed from step {start}"
-  else:
-    start = 0
-    if init_from:
-      params = _init_from(init_from, config, shardings.params)
-      how = f"params from {init_from}"
+  try:
+    start = manager.latest_step()
+    if start is not None:
+      _check_same_shape(config, checkpoints.load_config(model_dir), str(model_dir))
+      state, data_state = _restore(manager, start, shapes, shardings)
+      source.set_state(data_state)
+      how = f"resumed from step {start}"
     else:
-      params = jax.jit(lambda r: init_params(config, r), out_shardings=shardings.params)(
-          jax.random.PRNGKey(seed))
-      how = "random init"
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params,
-                       opt_state)
-  if is_main:
-    checkpoints.save_config(model_dir, config)
+      start = 0
+      if init_from:
+        params = _init_from(init_from, config, shardings.params)
+        how = f"params from {init_from}"
+      else:
+        params = jax.jit(lambda r: init_params(config, r), out_shardings=shardings.params)(
+            jax.random.PRNGKey(seed))
+        how = "random init"
+      opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+      state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params,
+                         opt_state)
+    if is_main:
+      checkpoints.save_config(model_dir, config)
+  except BaseException:
+    manager.close()  # a bad INIT_FROM or checkpoint: end Orbax's threads, then report it
+    raise
   data_state = source.get_state()
 
   end = num_steps if stop_at_step is None else min(num_steps, stop_at_step)
@@ -675,6 +679,9 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
       if final_step != last_saved:
         _save(manager, state, data_state, final_step)
       manager.wait_until_finished()
+  except BaseException:
+    manager.close()  # its background threads must end before the interpreter does
+    raise
   finally:
     reporter.close()
   if status == "preempted":

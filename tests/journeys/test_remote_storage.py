@@ -101,10 +101,18 @@ def gcs(tmp_path_factory):
       assert time.time() < deadline, "the emulator did not start: " + log.read_text()[-3000:]
       time.sleep(0.2)
     env = {**emulator_env(url), **NO_METADATA_SERVER}
+    # epath caches its "use TensorFlow's gfile" decision (functools.cache) the first time this
+    # process touches a gs:// path; earlier tests in the same pytest run may have made it
+    # without EPATH_USE_TF=0. The console scripts run fresh, so only this process needs it.
+    from etils.epath import gpath
     with pytest.MonkeyPatch.context() as mp:
       for key, value in env.items():
         mp.setenv(key, value)
-      yield {"url": url, "env": env}
+      gpath._is_tf_installed.cache_clear()
+      try:
+        yield {"url": url, "env": env}
+      finally:
+        gpath._is_tf_installed.cache_clear()
   finally:
     proc.terminate()
     try:
