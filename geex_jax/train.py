@@ -239,6 +239,17 @@ def _make_manager(model_dir, keep: int, async_save: bool):
       item_names=(checkpoints.PARAMS_ITEM, "opt_state", "data_state"))
 
 
+def _close_manager(manager) -> None:
+  """manager.close(), and also waiting for the stale-temp-directory cleanup it starts when
+  created (close() does not: a run that fails right away would exit under that thread, which
+  then prints a traceback). Orbax has no public call for that wait; without it, only the noise
+  returns."""
+  await_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+  if await_cleanup is not None:
+    await_cleanup()
+  manager.close()
+
+
 def _gather_data_states(state: dict) -> list[dict]:
   """Every process's data iterator state (each host reads different documents)."""
   if jax.process_count() == 1:
@@ -602,7 +613,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
     if is_main:
       checkpoints.save_config(model_dir, config)
   except BaseException:
-    manager.close()  # a bad INIT_FROM or checkpoint: end Orbax's threads, then report it
+    _close_manager(manager)  # a bad INIT_FROM or checkpoint: end Orbax's threads, then report
     raise
   data_state = source.get_state()
 
@@ -680,7 +691,7 @@ def train(*, model_dir: str = gin.REQUIRED, model: CodeGeeXConfig = gin.REQUIRED
         _save(manager, state, data_state, final_step)
       manager.wait_until_finished()
   except BaseException:
-    manager.close()  # its background threads must end before the interpreter does
+    _close_manager(manager)  # its background threads must end before the interpreter does
     raise
   finally:
     reporter.close()
