@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 GEEX_SHARED ?= $(abspath ../shared)
 export GEEX_SHARED
 
-.PHONY: demo test test-fast toolchains venv bench clean
+.PHONY: demo test test-fast lint toolchains venv bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ demo: venv
 	$(BIN)/python -m geex_jax.demo
 
 ## Every test, with the HumanEval-X toolchains installed first (skipped with a note where it cannot).
-test: venv toolchains
+test: venv toolchains lint
 	$(BIN)/python -m pytest -q -rs tests
+
+## ruff (configured in pyproject.toml): the linter, and the formatter in check mode.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ## The tests without the slow integration ones and without installing toolchains.
 test-fast: venv

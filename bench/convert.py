@@ -22,6 +22,7 @@ Peak RSS is the child's VmHWM and CPU s its user + system time (imports included
 kernel's writeback threads are not counted). All files are removed at the end unless
 --keep. Prints a Markdown table for BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from conversion import table, torch_io  # noqa: E402
-from conversion.convert import torch_shapes  # noqa: E402
-from geex_jax.model import CodeGeeXConfig  # noqa: E402
+from geex_jax.conversion import table, torch_io  # noqa: E402
+from geex_jax.conversion.convert import torch_shapes  # noqa: E402
+from geex_jax.model.codegeex import CodeGeeXConfig  # noqa: E402
 
 _CHILD = """
 import os, resource, shutil, sys, time
@@ -68,7 +69,7 @@ elif sys.argv[1] == "cast-only":
     f.flush()
     os.fsync(f.fileno())
 else:
-  from conversion import cli
+  from geex_jax.conversion import cli
   cli.main(sys.argv[1:] + ["--no-progress"])
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec() from the (larger) parent.
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
@@ -80,9 +81,11 @@ print("BENCH", time.perf_counter() - t, hwm, ru.ru_utime + ru.ru_stime)
 def write_synthetic(path: pathlib.Path, config: CodeGeeXConfig) -> int:
   """The released layout of `config` with random fp16 weights, one tensor in memory at a time."""
   import torch
+
   shapes = torch_shapes(config)
-  nested = table.nest_released({n: torch_io.placeholder(s, torch.float16)
-                                for n, s in shapes.items()})
+  nested = table.nest_released(
+    {n: torch_io.placeholder(s, torch.float16) for n, s in shapes.items()}
+  )
   writer = torch_io.TorchZipWriter(path, nested)
   # A 64 MB pool of N(0, 0.02) values, cut at a different offset per tensor: random-looking
   # weights without spending minutes in the RNG.
@@ -90,7 +93,7 @@ def write_synthetic(path: pathlib.Path, config: CodeGeeXConfig) -> int:
   for i, placeholder in enumerate(writer.order):
     n = int(np.prod(placeholder.shape))
     start = (i * 7919) % pool.size
-    data = np.resize(np.roll(pool, -start), n) if n > pool.size - start else pool[start:start + n]
+    data = np.resize(np.roll(pool, -start), n) if n > pool.size - start else pool[start : start + n]
     writer.write(np.ascontiguousarray(data).reshape(placeholder.shape))
   writer.close()
   return path.stat().st_size
@@ -101,8 +104,9 @@ def run(*argv, cold: bool = False) -> tuple[float, int, float]:
   if cold:
     evict(pathlib.Path(argv[1]))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-  proc = subprocess.run([sys.executable, "-c", _CHILD, *map(str, argv)], env=env,
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    [sys.executable, "-c", _CHILD, *map(str, argv)], env=env, capture_output=True, text=True
+  )
   if proc.returncode:
     raise SystemExit(f"step {argv[0]} failed:\n{proc.stderr[-3000:]}")
   line = next(l for l in proc.stdout.splitlines() if l.startswith("BENCH"))
@@ -130,12 +134,13 @@ def du(path: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-
-
-STEPS = {"copy": "copy (shutil.copyfile)", "copy+fsync": "copy+fsync (shutil.copyfile, fsync)",
-         "cast-only": "cast-only (one jitted fp16 -> bf16 pass, fsync)",
-         "torch-to-jax": "torch-to-jax (fp16 -> bf16)",
-         "jax-to-torch": "jax-to-torch (bf16 -> fp16)"}
+STEPS = {
+  "copy": "copy (shutil.copyfile)",
+  "copy+fsync": "copy+fsync (shutil.copyfile, fsync)",
+  "cast-only": "cast-only (one jitted fp16 -> bf16 pass, fsync)",
+  "torch-to-jax": "torch-to-jax (fp16 -> bf16)",
+  "jax-to-torch": "jax-to-torch (bf16 -> fp16)",
+}
 
 
 def main():
@@ -143,10 +148,14 @@ def main():
   parser.add_argument("--preset", default="2.7b")
   parser.add_argument("--workdir", default=tempfile.gettempdir())
   parser.add_argument("--repeat", type=int, default=3, help="rounds of all steps (default 3)")
-  parser.add_argument("--cold", action="store_true",
-                      help="drop each step's input from the page cache before it runs")
-  parser.add_argument("--floor", action="store_true",
-                      help="also time a bare jitted fp16 -> bf16 cast of the file (cast-only)")
+  parser.add_argument(
+    "--cold", action="store_true", help="drop each step's input from the page cache before it runs"
+  )
+  parser.add_argument(
+    "--floor",
+    action="store_true",
+    help="also time a bare jitted fp16 -> bf16 cast of the file (cast-only)",
+  )
   parser.add_argument("--keep", action="store_true")
   args = parser.parse_args()
   config = CodeGeeXConfig.preset(args.preset)
@@ -156,8 +165,10 @@ def main():
     src, jax_dir, out = work / "src.pt", work / "jax", work / "out.pt"
     t = time.perf_counter()
     size = write_synthetic(src, config)
-    print(f"synthetic {args.preset} checkpoint: {size / 1e9:.2f} GB in "
-          f"{time.perf_counter() - t:.0f} s", file=sys.stderr)
+    print(
+      f"synthetic {args.preset} checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s",
+      file=sys.stderr,
+    )
     for round_ in range(args.repeat):
       for kind in ("copy", "copy+fsync") + (("cast-only",) if args.floor else ()):
         runs[kind].append(run(kind, src, work / "copy.pt", cold=args.cold))
@@ -166,29 +177,38 @@ def main():
       out.unlink(missing_ok=True)
       runs["torch-to-jax"].append(run("torch-to-jax", src, jax_dir, cold=args.cold))
       runs["jax-to-torch"].append(run("jax-to-torch", jax_dir, out, cold=args.cold))
-      print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in runs.items()),
-            file=sys.stderr)
+      print(
+        f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in runs.items()),
+        file=sys.stderr,
+      )
     jax_bytes = du(jax_dir)
   finally:
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)
 
   median = {step: statistics.median(s for s, _, _ in r) for step, r in runs.items()}
-  print(f"\n`python bench/convert.py --preset {args.preset} --repeat {args.repeat}"
-        f"{' --cold' if args.cold else ''}{' --floor' if args.floor else ''}` on {platform.node() or 'host'}: "
-        f"{os.cpu_count()} CPUs, {_mem_gb():.0f} GB RAM, {platform.machine()}, checkpoint "
-        f"{size / 1e9:.2f} GB ({config.num_params() / 1e9:.2f}B params, fp16)\n")
-  print("| step | bytes | median s | rounds s | MB/s | time vs copy | vs copy+fsync | CPU s | "
-        "peak RSS | RSS / checkpoint |")
+  print(
+    f"\n`python bench/convert.py --preset {args.preset} --repeat {args.repeat}"
+    f"{' --cold' if args.cold else ''}{' --floor' if args.floor else ''}` "
+    f"on {platform.node() or 'host'}: "
+    f"{os.cpu_count()} CPUs, {_mem_gb():.0f} GB RAM, {platform.machine()}, checkpoint "
+    f"{size / 1e9:.2f} GB ({config.num_params() / 1e9:.2f}B params, fp16)\n"
+  )
+  print(
+    "| step | bytes | median s | rounds s | MB/s | time vs copy | vs copy+fsync | CPU s | "
+    "peak RSS | RSS / checkpoint |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for step, r in runs.items():
     nbytes = jax_bytes if step == "jax-to-torch" else size
     seconds, rss = median[step], max(m for _, m, _ in r)
     cpu = statistics.median(c for _, _, c in r)
-    print(f"| {STEPS[step]} | {nbytes / 1e9:.2f} GB | {seconds:.1f} | "
-          f"{' / '.join(f'{s:.1f}' for s, _, _ in r)} | {nbytes / 1e6 / seconds:.0f} | "
-          f"{seconds / median['copy']:.2f}x | {seconds / median['copy+fsync']:.2f}x | {cpu:.1f} | "
-          f"{rss / 1e6:.0f} MB | {100 * rss / size:.1f}% |")
+    print(
+      f"| {STEPS[step]} | {nbytes / 1e9:.2f} GB | {seconds:.1f} | "
+      f"{' / '.join(f'{s:.1f}' for s, _, _ in r)} | {nbytes / 1e6 / seconds:.0f} | "
+      f"{seconds / median['copy']:.2f}x | {seconds / median['copy+fsync']:.2f}x | {cpu:.1f} | "
+      f"{rss / 1e6:.0f} MB | {100 * rss / size:.1f}% |"
+    )
 
 
 def _mem_gb() -> float:

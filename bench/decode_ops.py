@@ -7,6 +7,7 @@ Compiles a one-token decode step (unrolled layers, as the sampler runs them) for
 backend and counts its HLO. A proxy for the small kernels per step on an accelerator, where each
 fusion is a kernel launch; compare two versions of the model on the same command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from geex_jax import model as M  # noqa: E402
+from geex_jax.model import codegeex as M
 
 
 def main():
@@ -35,8 +36,9 @@ def main():
   cache = M.init_cache(cfg, args.batch, args.cache_len)
 
   def step(params, cache, token):
-    logits, state = M.CodeGeeX(cfg).apply({"params": params, "cache": cache}, token,
-                                          decode=True, mutable=["cache"])
+    logits, state = M.CodeGeeX(cfg).apply(
+      {"params": params, "cache": cache}, token, decode=True, mutable=["cache"]
+    )
     return logits, state["cache"]
 
   token = jnp.zeros((args.batch, 1), jnp.int32)
@@ -48,10 +50,12 @@ def main():
     op = re.search(r"= \w+\[([\d,]*)\]\S* (copy|transpose)\(", line)
     if op and math.prod(int(d) for d in op.group(1).split(",") if d) == leaf:
       whole += 1
-  print(f"{args.preset}, {args.layers}+1 layers, batch {args.batch}, {jax.default_backend()}: "
-        f"cache leaves {len(jax.tree.leaves(cache))}, fusions {hlo.count(' fusion(')}, "
-        f"dynamic-update-slices {hlo.count('dynamic-update-slice(')}, "
-        f"whole-cache copies/transposes {whole}")
+  print(
+    f"{args.preset}, {args.layers}+1 layers, batch {args.batch}, {jax.default_backend()}: "
+    f"cache leaves {len(jax.tree.leaves(cache))}, fusions {hlo.count(' fusion(')}, "
+    f"dynamic-update-slices {hlo.count('dynamic-update-slice(')}, "
+    f"whole-cache copies/transposes {whole}"
+  )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Runs, in one process and on one machine:
   4. the full self-test again on the warm verdict cache (a rerun executes nothing).
 Prints one line per step and pass counts per language.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from geex_jax.humaneval_x import evaluate, problems  # noqa: E402
-from geex_jax.humaneval_x.executor import Executor  # noqa: E402
+from geex_jax.humaneval_x import evaluate, problems
+from geex_jax.humaneval_x.executor import Executor
 
 
 def _timed(fn):
@@ -36,8 +37,9 @@ def _timed(fn):
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--data", default=os.path.join(os.environ.get("GEEX_SHARED", "../shared"),
-                                                 "humaneval_x"))
+  ap.add_argument(
+    "--data", default=os.path.join(os.environ.get("GEEX_SHARED", "../shared"), "humaneval_x")
+  )
   ap.add_argument("--workers", type=int, default=os.cpu_count())
   ap.add_argument("--baseline-tasks", type=int, default=12)
   ap.add_argument("--json", default=None, help="also write the figures here")
@@ -45,9 +47,12 @@ def main(argv=None) -> int:
 
   probs = problems.load(args.data)
   subset = [problems.task_id_for(k, i) for k in probs for i in range(args.baseline_tasks)]
-  figures = {"machine": f"{platform.node()} {os.cpu_count()} cores {platform.processor()}",
-             "workers": args.workers}
+  figures = {
+    "machine": f"{platform.node()} {os.cpu_count()} cores {platform.processor()}",
+    "workers": args.workers,
+  }
   with tempfile.TemporaryDirectory() as tmp:
+
     def run(workers, cache, tasks=None):
       ex = Executor(workers=workers, cache_dir=pathlib.Path(tmp) / cache)
       return evaluate.selftest(args.data, ex, progress=False, task_ids=tasks)
@@ -55,24 +60,43 @@ def main(argv=None) -> int:
     _, t1 = _timed(lambda: run(1, "base1", subset))
     print(f"subset of {len(subset)} programs, workers=1: {t1:.1f} s")
     _, tn = _timed(lambda: run(args.workers, "baseN", subset))
-    print(f"subset of {len(subset)} programs, workers={args.workers}: {tn:.1f} s "
-          f"(speed-up {t1 / tn:.2f}x)")
+    print(
+      f"subset of {len(subset)} programs, workers={args.workers}: {tn:.1f} s "
+      f"(speed-up {t1 / tn:.2f}x)"
+    )
     results, full = _timed(lambda: run(args.workers, "full"))
     print(f"full self-test, workers={args.workers}, cold verdict cache: {full:.1f} s")
     _, warm = _timed(lambda: run(args.workers, "full"))
-    print(f"full self-test again, warm verdict cache: {warm:.1f} s "
-          f"({full / max(warm, 1e-9):.0f}x faster)")
+    print(
+      f"full self-test again, warm verdict cache: {warm:.1f} s "
+      f"({full / max(warm, 1e-9):.0f}x faster)"
+    )
   counts = {r.language: f"{r.passed}/{r.total}" for r in results}
   print("passed: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
   for r in results:
-    print(f"  {r.language:<7} compile {r.compile_s:6.1f} s, run {r.run_s:6.1f} s in total; "
-          f"slowest run {r.max_run_s:.2f} s")
-  figures["seconds"] = {r.language: {"compile": round(r.compile_s, 1), "run": round(r.run_s, 1),
-                                     "slowest_run": round(r.max_run_s, 2)} for r in results}
-  figures.update({"subset_programs": len(subset), "subset_workers1_s": round(t1, 1),
-                  "subset_workersN_s": round(tn, 1), "full_cold_s": round(full, 1),
-                  "full_warm_s": round(warm, 1), "passed": counts,
-                  "ok": all(r.ok for r in results)})
+    print(
+      f"  {r.language:<7} compile {r.compile_s:6.1f} s, run {r.run_s:6.1f} s in total; "
+      f"slowest run {r.max_run_s:.2f} s"
+    )
+  figures["seconds"] = {
+    r.language: {
+      "compile": round(r.compile_s, 1),
+      "run": round(r.run_s, 1),
+      "slowest_run": round(r.max_run_s, 2),
+    }
+    for r in results
+  }
+  figures.update(
+    {
+      "subset_programs": len(subset),
+      "subset_workers1_s": round(t1, 1),
+      "subset_workersN_s": round(tn, 1),
+      "full_cold_s": round(full, 1),
+      "full_warm_s": round(warm, 1),
+      "passed": counts,
+      "ok": all(r.ok for r in results),
+    }
+  )
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
   return 0 if figures["ok"] else 1

@@ -8,6 +8,7 @@ attention and with jax.nn.dot_product_attention (the baseline ratio), and of one
 step at the given batch with the cache filled to seq_len/2. Weights are random, made on device.
 Prints a Markdown table for BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from geex_jax import model as M
+from geex_jax.model import codegeex as M
 
 
 def timed(fn, *args, warmup: int = 1, iters: int = 5) -> float:
@@ -41,18 +42,29 @@ def bench_preset(name: str, dtype: str, batch: int, seq_len: int, iters: int) ->
     model = M.CodeGeeX(cfg.replace(attention=attention))
     fwd = jax.jit(lambda p, t, model=model: model.apply({"params": p}, t))
     sec = timed(fwd, params, tokens, iters=iters)
-    rows.append(dict(preset=name, what=f"forward ({attention} attention)", batch=batch,
-                     seq=seq_len, ms=sec * 1e3, tok_s=batch * seq_len / sec))
+    rows.append(
+      dict(
+        preset=name,
+        what=f"forward ({attention} attention)",
+        batch=batch,
+        seq=seq_len,
+        ms=sec * 1e3,
+        tok_s=batch * seq_len / sec,
+      )
+    )
 
   prefill_len = seq_len // 2
-  one = tokens[:, prefill_len:prefill_len + 1]
+  one = tokens[:, prefill_len : prefill_len + 1]
   for scan in (True, False):  # the sampler decodes unrolled: compare against the scanned stack
     dcfg = cfg.replace(scan_layers=scan)
     dparams = M.convert_layout(params, dcfg, scan)
     model = M.CodeGeeX(dcfg)
     cache = M.init_cache(dcfg, batch, seq_len)
-    prefill = jax.jit(lambda p, c, t, model=model: model.apply(
-        {"params": p, "cache": c}, t, decode=True, only_last=True, mutable=["cache"]))
+    prefill = jax.jit(
+      lambda p, c, t, model=model: model.apply(
+        {"params": p, "cache": c}, t, decode=True, only_last=True, mutable=["cache"]
+      )
+    )
     _, state = prefill(dparams, cache, tokens[:, :prefill_len])
 
     @jax.jit
@@ -62,8 +74,16 @@ def bench_preset(name: str, dtype: str, batch: int, seq_len: int, iters: int) ->
 
     sec = timed(step, dparams, state["cache"], one, iters=iters)
     layers = "scanned" if scan else "unrolled"
-    rows.append(dict(preset=name, what=f"decode step (KV cache, {layers} layers)", batch=batch,
-                     seq=prefill_len, ms=sec * 1e3, tok_s=batch / sec))
+    rows.append(
+      dict(
+        preset=name,
+        what=f"decode step (KV cache, {layers} layers)",
+        batch=batch,
+        seq=prefill_len,
+        ms=sec * 1e3,
+        tok_s=batch / sec,
+      )
+    )
   return rows
 
 
@@ -76,14 +96,19 @@ def main():
   ap.add_argument("--iters", type=int, default=5)
   args = ap.parse_args()
   device = jax.devices()[0]
-  print(f"device: {device.platform} {getattr(device, 'device_kind', '')} x{jax.device_count()}, "
-        f"dtype {args.dtype}")
+  print(
+    f"device: {device.platform} {getattr(device, 'device_kind', '')} x{jax.device_count()}, "
+    f"dtype {args.dtype}"
+  )
   print("| preset | what | batch | tokens | ms | tokens/s |")
   print("|---|---|---|---|---|---|")
   for name in args.presets:
     for r in bench_preset(name, args.dtype, args.batch, args.seq_len, args.iters):
-      print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['seq']} | {r['ms']:.2f} | "
-            f"{r['tok_s']:,.0f} |", flush=True)
+      print(
+        f"| {r['preset']} | {r['what']} | {r['batch']} | {r['seq']} | {r['ms']:.2f} | "
+        f"{r['tok_s']:,.0f} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

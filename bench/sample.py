@@ -7,7 +7,7 @@ tokens after a `--prompt_len`-token prompt, end to end (prefill included), at ea
   python bench/sample.py --presets tiny 350m --batch 1 32
 
   JAX fp32 and JAX int8 (weight-only) tokens/s, and the ratio to PyTorch fp32 measured in the
-  same run (torch.no_grad, `conversion.torch_reference.greedy_generate`).
+  same run (torch.no_grad, `geex_jax.conversion.torch_reference.greedy_generate`).
 
 GPU (`--gpu`): random weights generated ON the device (no host copy), bf16 or int8:
 
@@ -26,6 +26,7 @@ GPU (`--gpu`): random weights generated ON the device (no host copy), bf16 or in
   with extra XLA options; `--trace` writes a profile (perfetto) of each batch-1 decode. Prints
   Markdown rows for BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from geex_jax import model as M  # noqa: E402
-from geex_jax import quantization as Q  # noqa: E402
-from geex_jax import decoding as D  # noqa: E402
-from geex_jax.stop_automata import NO_RULE  # noqa: E402
+from geex_jax.model import codegeex as M
+from geex_jax.inference import quantization as Q
+from geex_jax.inference import decoding as D
+from geex_jax.inference.stop_automata import NO_RULE
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -58,8 +59,8 @@ def _best_of(fn, repeats: int) -> float:
 
 def cpu_preset(name: str, batches, prompt_len: int, new_tokens: int, repeats: int) -> list[dict]:
   import torch
-  from conversion import table
-  from conversion.torch_reference import CodeGeeXTorch, greedy_generate
+  from geex_jax.conversion import table
+  from geex_jax.conversion.torch_reference import CodeGeeXTorch, greedy_generate
 
   torch.manual_seed(0)
   cfg = M.CodeGeeXConfig.preset(name, scan_layers=False)
@@ -95,10 +96,20 @@ def cpu_preset(name: str, batches, prompt_len: int, new_tokens: int, repeats: in
     t_torch = _best_of(keep("torch", torch_run), repeats)
     same = out["jax"].tokens == out["torch"].tolist()
     n = b * new_tokens
-    rows.append(dict(preset=name, batch=b, prompt=prompt_len, new=new_tokens,
-                     jax_fp32=n / t_jax, jax_int8=n / t_int8, torch_fp32=n / t_torch,
-                     ratio_fp32=t_torch / t_jax, ratio_int8=t_torch / t_int8,
-                     greedy_equal=same))
+    rows.append(
+      dict(
+        preset=name,
+        batch=b,
+        prompt=prompt_len,
+        new=new_tokens,
+        jax_fp32=n / t_jax,
+        jax_int8=n / t_int8,
+        torch_fp32=n / t_torch,
+        ratio_fp32=t_torch / t_jax,
+        ratio_int8=t_torch / t_int8,
+        greedy_equal=same,
+      )
+    )
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
   return rows
 
@@ -115,13 +126,22 @@ def _decode_fn(spec, params, cache, carry, args, options):
   """D.decode_chunk, compiled with extra XLA options when given (same process, same weights)."""
   if not options:
     return lambda *xs: D.decode_chunk(spec, *xs)
-  return D.decode_chunk.lower(spec, params, cache, carry, *args).compile(
-      compiler_options=options)
+  return D.decode_chunk.lower(spec, params, cache, carry, *args).compile(compiler_options=options)
 
 
-def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int,
-                 new_tokens: int, scan: bool = False, impls=("auto",), option_sets=(),
-                 trace_dir=None, loop_steps=(1,)) -> list[dict]:
+def gpu_variants(
+  name: str,
+  dtype: str,
+  peak_bw: float,
+  batches,
+  prompt_len: int,
+  new_tokens: int,
+  scan: bool = False,
+  impls=("auto",),
+  option_sets=(),
+  trace_dir=None,
+  loop_steps=(1,),
+) -> list[dict]:
   """Rows for one weight set: every matmul implementation at every batch size (bf16: the kernel
   at batch 1 only). option_sets: (label, {xla option: value}) extra bf16 batch-1 variants.
   loop_steps: DecodeSpec.steps_per_loop values; those > 1 add batch-1 rows of the first impl."""
@@ -138,8 +158,9 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
   wbytes = weight_bytes_per_token(params)
   # bf16 "auto" is XLA unless --tilings lists the kernel for bf16 shapes: time it once.
   impls = [i for i in impls if quantize or not (i == "auto" and "xla" in impls)]
-  variants = [(impl, {}, batches if quantize or impl == "xla" else batches[:1], 1)
-              for impl in impls]
+  variants = [
+    (impl, {}, batches if quantize or impl == "xla" else batches[:1], 1) for impl in impls
+  ]
   variants += [(impls[0], {}, (1,), k) for k in loop_steps if k > 1]
   if not quantize:
     variants += [(label, opts, (1,), 1) for label, opts in option_sets]
@@ -149,22 +170,48 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
       t_start = time.perf_counter()
       ids = np.random.RandomState(0).randint(0, 50000, size=(b, prompt_len))
       prompt, segments = D.pad_prompts(ids.tolist(), new_tokens + loop - 1, cfg.max_position, 0)
-      spec = D.DecodeSpec(config=cfg, num_samples=1, max_new_tokens=new_tokens, greedy=True,
-                          top_k=0, use_top_p=False, eos_id=-1, vocab_limit=cfg.vocab_size,
-                          rule=NO_RULE.kind, quantized=quantize,
-                          matmul=impl if not options else "xla", steps_per_loop=loop)
+      spec = D.DecodeSpec(
+        config=cfg,
+        num_samples=1,
+        max_new_tokens=new_tokens,
+        greedy=True,
+        top_k=0,
+        use_top_p=False,
+        eos_id=-1,
+        vocab_limit=cfg.vocab_size,
+        rule=NO_RULE.kind,
+        quantized=quantize,
+        matmul=impl if not options else "xla",
+        steps_per_loop=loop,
+      )
       table = jnp.asarray(NO_RULE.table)
-      args = (jnp.asarray(prompt), jnp.asarray(segments), jnp.arange(b, dtype=jnp.int32), 0,
-              jnp.zeros((b,), jnp.int32), jnp.float32(1.0), jnp.float32(1.0), table)
-      rest = (jnp.int32(new_tokens), jnp.zeros((b,), bool), jnp.float32(1.0), jnp.float32(1.0),
-              table)
+      args = (
+        jnp.asarray(prompt),
+        jnp.asarray(segments),
+        jnp.arange(b, dtype=jnp.int32),
+        0,
+        jnp.zeros((b,), jnp.int32),
+        jnp.float32(1.0),
+        jnp.float32(1.0),
+        table,
+      )
+      rest = (
+        jnp.int32(new_tokens),
+        jnp.zeros((b,), bool),
+        jnp.float32(1.0),
+        jnp.float32(1.0),
+        table,
+      )
       try:
         cache, carry = D.prefill(spec, params, *args)
         decode = _decode_fn(spec, params, cache, carry, rest, options)
         del cache, carry
-      except Exception as e:  # noqa: BLE001 - report the variant and go on with the others
-        print(f"{dtype} {impl} batch {b}: FAILED {type(e).__name__}: {str(e)[:400]}",
-              file=sys.stderr, flush=True)
+      except Exception as e:
+        print(
+          f"{dtype} {impl} batch {b}: FAILED {type(e).__name__}: {str(e)[:400]}",
+          file=sys.stderr,
+          flush=True,
+        )
         continue
 
       def run():
@@ -186,20 +233,30 @@ def gpu_variants(name: str, dtype: str, peak_bw: float, batches, prompt_len: int
         try:
           with jax.profiler.trace(f"{trace_dir}/{label}", create_perfetto_trace=True):
             run()
-        except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timings
+        except Exception as e:
           print(f"trace {label}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-      steps = new_tokens - 1                      # the first token comes from the prefill
+      steps = new_tokens - 1  # the first token comes from the prefill
       cache_len = prompt.shape[1] + new_tokens
       cache_bytes = 2 * (cfg.num_layers + 1) * b * cache_len * cfg.hidden_size * 2
-      row = dict(preset=name, dtype=dtype, impl=impl if loop == 1 else f"{impl}, {loop} steps/loop",
-                 options=options, scan=scan, batch=b,
-                 prompt=prompt_len, new=new_tokens, compile_s=compile_s,
-                 prefill_ms=prefill_s * 1e3, ms_per_step=decode_s / steps * 1e3,
-                 tok_s=b * steps / decode_s, weight_gb=wbytes / 1e9,
-                 bw_fraction_weights=wbytes / (decode_s / steps) / peak_bw,
-                 bw_fraction_with_cache=(wbytes + cache_bytes) / (decode_s / steps) / peak_bw,
-                 tokens_head=np.asarray(tokens)[0, :8].tolist(),
-                 device=jax.devices()[0].device_kind)
+      row = dict(
+        preset=name,
+        dtype=dtype,
+        impl=impl if loop == 1 else f"{impl}, {loop} steps/loop",
+        options=options,
+        scan=scan,
+        batch=b,
+        prompt=prompt_len,
+        new=new_tokens,
+        compile_s=compile_s,
+        prefill_ms=prefill_s * 1e3,
+        ms_per_step=decode_s / steps * 1e3,
+        tok_s=b * steps / decode_s,
+        weight_gb=wbytes / 1e9,
+        bw_fraction_weights=wbytes / (decode_s / steps) / peak_bw,
+        bw_fraction_with_cache=(wbytes + cache_bytes) / (decode_s / steps) / peak_bw,
+        tokens_head=np.asarray(tokens)[0, :8].tolist(),
+        device=jax.devices()[0].device_kind,
+      )
       rows.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)
   return rows
@@ -234,8 +291,12 @@ def main(argv=None):
   ap.add_argument("--batch", nargs="+", type=int, default=[1, 32])
   ap.add_argument("--prompt_len", type=int, default=64)
   ap.add_argument("--new_tokens", type=int, default=64)
-  ap.add_argument("--new_tokens_large", type=int, default=32,
-                  help="new tokens for presets other than tiny (CPU time)")
+  ap.add_argument(
+    "--new_tokens_large",
+    type=int,
+    default=32,
+    help="new tokens for presets other than tiny (CPU time)",
+  )
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--gpu", action="store_true", help="the accelerator section (see above)")
   ap.add_argument("--preset", default="13b")
@@ -243,60 +304,102 @@ def main(argv=None):
   ap.add_argument("--peak_bw", type=float, default=3.35e12, help="card's peak HBM bytes/s")
   ap.add_argument("--gpu_batch", type=int, default=64)
   ap.add_argument("--gpu_new_tokens", type=int, default=128)
-  ap.add_argument("--scan", nargs="+", default=["false"], choices=["true", "false"],
-                  help="decode with the layers scanned (one stacked while-loop body) or unrolled")
-  ap.add_argument("--matmul", nargs="+", default=["auto"], choices=["auto", "xla", "pallas"],
-                  help="implementations of the blocks' linears to time (geex_jax/decode_matmul.py)")
+  ap.add_argument(
+    "--scan",
+    nargs="+",
+    default=["false"],
+    choices=["true", "false"],
+    help="decode with the layers scanned (one stacked while-loop body) or unrolled",
+  )
+  ap.add_argument(
+    "--matmul",
+    nargs="+",
+    default=["auto"],
+    choices=["auto", "xla", "pallas"],
+    help="implementations of the blocks' linears to time (geex_jax/inference/decode_matmul.py)",
+  )
   ap.add_argument("--tilings", help="kernel tilings measured by bench/decode_matmul.py --out")
-  ap.add_argument("--xla_options", nargs="*", default=[],
-                  help="extra bf16 batch-1 variants, each KEY=VALUE[;KEY=VALUE] XLA options")
+  ap.add_argument(
+    "--xla_options",
+    nargs="*",
+    default=[],
+    help="extra bf16 batch-1 variants, each KEY=VALUE[;KEY=VALUE] XLA options",
+  )
   ap.add_argument("--trace", help="write a perfetto trace of each batch-1 decode under this dir")
-  ap.add_argument("--steps_per_loop", type=int, nargs="+", default=[1],
-                  help="decode steps per while iteration; values > 1 add batch-1 rows")
+  ap.add_argument(
+    "--steps_per_loop",
+    type=int,
+    nargs="+",
+    default=[1],
+    help="decode steps per while iteration; values > 1 add batch-1 rows",
+  )
   a = ap.parse_args(argv)
 
   if a.gpu:
     if a.tilings:
       sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
       import decode_matmul as kernel_bench
+
       kernel_bench.load_tilings(a.tilings)
     option_sets = []
     for text in a.xla_options:
-      option_sets.append((text, {k: _option_value(v) for k, v in
-                                 (kv.split("=", 1) for kv in text.split(";"))}))
+      option_sets.append(
+        (text, {k: _option_value(v) for k, v in (kv.split("=", 1) for kv in text.split(";"))})
+      )
     rows = []
     for scan in a.scan:
       for dtype in a.dtype:
-        rows += gpu_variants(a.preset, dtype, a.peak_bw, (1, a.gpu_batch), a.prompt_len,
-                             a.gpu_new_tokens, scan=scan == "true", impls=a.matmul,
-                             option_sets=option_sets, trace_dir=a.trace,
-                             loop_steps=a.steps_per_loop)
-    print(f"\n{rows[0]['device']}, peak {a.peak_bw / 1e12:.2f} TB/s; prompt {a.prompt_len}, "
-          f"{a.gpu_new_tokens} new tokens, random weights\n")
-    print("| preset | dtype | matmul / XLA options | layers | batch | weights GB | ms/token | "
-          "tokens/s | HBM fraction (weights) | (+ KV cache) |")
+        rows += gpu_variants(
+          a.preset,
+          dtype,
+          a.peak_bw,
+          (1, a.gpu_batch),
+          a.prompt_len,
+          a.gpu_new_tokens,
+          scan=scan == "true",
+          impls=a.matmul,
+          option_sets=option_sets,
+          trace_dir=a.trace,
+          loop_steps=a.steps_per_loop,
+        )
+    print(
+      f"\n{rows[0]['device']}, peak {a.peak_bw / 1e12:.2f} TB/s; prompt {a.prompt_len}, "
+      f"{a.gpu_new_tokens} new tokens, random weights\n"
+    )
+    print(
+      "| preset | dtype | matmul / XLA options | layers | batch | weights GB | ms/token | "
+      "tokens/s | HBM fraction (weights) | (+ KV cache) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
       layers = "scanned" if r["scan"] else "unrolled"
-      print(f"| {r['preset']} | {r['dtype']} | {r['impl']} | {layers} | {r['batch']} | "
-            f"{r['weight_gb']:.1f} | {r['ms_per_step']:.2f} | {r['tok_s']:.0f} | "
-            f"{r['bw_fraction_weights']:.0%} | {r['bw_fraction_with_cache']:.0%} |")
+      print(
+        f"| {r['preset']} | {r['dtype']} | {r['impl']} | {layers} | {r['batch']} | "
+        f"{r['weight_gb']:.1f} | {r['ms_per_step']:.2f} | {r['tok_s']:.0f} | "
+        f"{r['bw_fraction_weights']:.0%} | {r['bw_fraction_with_cache']:.0%} |"
+      )
     return
 
   rows = []
   for name in a.presets:
     new = a.new_tokens if name == "tiny" else a.new_tokens_large
     rows += cpu_preset(name, a.batch, a.prompt_len, new, a.repeats)
-  print(f"\n{_cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-        f"torch {__import__('torch').__version__} ({__import__('torch').get_num_threads()} "
-        "threads)\n")
-  print("| preset | batch | prompt + new | JAX fp32 tok/s | JAX int8 tok/s | PyTorch fp32 tok/s "
-        "| fp32 ratio | int8 ratio | greedy equal |")
+  print(
+    f"\n{_cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+    f"torch {__import__('torch').__version__} ({__import__('torch').get_num_threads()} "
+    "threads)\n"
+  )
+  print(
+    "| preset | batch | prompt + new | JAX fp32 tok/s | JAX int8 tok/s | PyTorch fp32 tok/s "
+    "| fp32 ratio | int8 ratio | greedy equal |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['preset']} | {r['batch']} | {r['prompt']} + {r['new']} | {r['jax_fp32']:.1f} | "
-          f"{r['jax_int8']:.1f} | {r['torch_fp32']:.1f} | {r['ratio_fp32']:.2f}x | "
-          f"{r['ratio_int8']:.2f}x | {r['greedy_equal']} |")
+    print(
+      f"| {r['preset']} | {r['batch']} | {r['prompt']} + {r['new']} | {r['jax_fp32']:.1f} | "
+      f"{r['jax_int8']:.1f} | {r['torch_fp32']:.1f} | {r['ratio_fp32']:.2f}x | "
+      f"{r['ratio_int8']:.2f}x | {r['greedy_equal']} |"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 A thin shell over conversion/convert.py: parse flags, convert, print the summary. Errors the user
 can act on are one line on stderr and exit code 2 (geex_jax.errors.cli_errors).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,65 +34,116 @@ checkpoint on gs:// is downloaded there first.
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1],
-      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog=PROG,
+    description=__doc__.splitlines()[0].split(": ", 1)[1],
+    epilog=EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--verify", action="store_true",
-                      help="after converting, compare logits of the JAX model and the PyTorch "
-                           "reference on a fixed prompt (models up to 200M params), or a "
-                           "sample of tensors bit for bit (larger models); a mismatch is an "
-                           "error and nothing is written")
+  common.add_argument(
+    "--verify",
+    action="store_true",
+    help="after converting, compare logits of the JAX model and the PyTorch "
+    "reference on a fixed prompt (models up to 200M params), or a "
+    "sample of tensors bit for bit (larger models); a mismatch is an "
+    "error and nothing is written",
+  )
   common.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   progress = common.add_mutually_exclusive_group()
-  progress.add_argument("--progress", dest="progress", action="store_true", default=None,
-                        help="show a progress bar (default: when stderr is a terminal)")
+  progress.add_argument(
+    "--progress",
+    dest="progress",
+    action="store_true",
+    default=None,
+    help="show a progress bar (default: when stderr is a terminal)",
+  )
   progress.add_argument("--no-progress", dest="progress", action="store_false")
 
   t2j = sub.add_parser(
-      "torch-to-jax", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
-      help="released PyTorch checkpoint -> geex-jax params checkpoint",
-      description="Convert a released CodeGeeX checkpoint (a .pt file, its fused-QKV variant, or "
-                  "a directory of mp_rank_XX_model_states.pt model-parallel shards) into a "
-                  "geex-jax checkpoint DST (config.json + params/, an Orbax PyTree checkpoint) "
-                  "that geex_jax.checkpoints.load_params, the trainer and the sampler restore.")
-  t2j.add_argument("src", metavar="SRC",
-                   help="a .pt file or a directory of mp_rank_XX files (local or gs://)")
+    "torch-to-jax",
+    parents=[common],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    help="released PyTorch checkpoint -> geex-jax params checkpoint",
+    description="Convert a released CodeGeeX checkpoint (a .pt file, its fused-QKV variant, or "
+    "a directory of mp_rank_XX_model_states.pt model-parallel shards) into a "
+    "geex-jax checkpoint DST (config.json + params/, an Orbax PyTree checkpoint) "
+    "that geex_jax.model.checkpoints.load_params, the trainer and the sampler restore.",
+  )
+  t2j.add_argument(
+    "src", metavar="SRC", help="a .pt file or a directory of mp_rank_XX files (local or gs://)"
+  )
   t2j.add_argument("dst", metavar="DST", help="output checkpoint directory (local or gs://)")
-  t2j.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default="bf16",
-                   help="stored parameter dtype (default: bf16)")
-  t2j.add_argument("--preset", metavar="NAME",
-                   help="model shape (tiny, 350m, 1.3b, 2.7b, 13b) instead of inferring it from "
-                        "the tensor shapes; its vocab_size trims/pads the embedding")
-  t2j.add_argument("--num-heads", type=int, metavar="N",
-                   help="attention heads (not visible in the shapes; default: from the preset "
-                        "of the same hidden size)")
-  t2j.add_argument("--vocab-size", type=int, metavar="N",
-                   help="trim or zero-pad the embedding table to N rows (default: keep all "
-                        "rows, 52224 for the release)")
-  t2j.add_argument("--layout", choices=("scanned", "unscanned"), default="scanned",
-                   help="stacked `layers` (nn.scan, the trainer's default) or layers_0..N")
-  t2j.add_argument("--trust-pickle", action="store_true",
-                   help="allow Python objects besides tensors in SRC (e.g. DeepSpeed shards "
-                        "carrying training args); unpickling them can run code: trusted files "
-                        "only")
+  t2j.add_argument(
+    "--dtype",
+    choices=("bf16", "fp32", "fp16"),
+    default="bf16",
+    help="stored parameter dtype (default: bf16)",
+  )
+  t2j.add_argument(
+    "--preset",
+    metavar="NAME",
+    help="model shape (tiny, 350m, 1.3b, 2.7b, 13b) instead of inferring it from "
+    "the tensor shapes; its vocab_size trims/pads the embedding",
+  )
+  t2j.add_argument(
+    "--num-heads",
+    type=int,
+    metavar="N",
+    help="attention heads (not visible in the shapes; default: from the preset "
+    "of the same hidden size)",
+  )
+  t2j.add_argument(
+    "--vocab-size",
+    type=int,
+    metavar="N",
+    help="trim or zero-pad the embedding table to N rows (default: keep all "
+    "rows, 52224 for the release)",
+  )
+  t2j.add_argument(
+    "--layout",
+    choices=("scanned", "unscanned"),
+    default="scanned",
+    help="stacked `layers` (nn.scan, the trainer's default) or layers_0..N",
+  )
+  t2j.add_argument(
+    "--trust-pickle",
+    action="store_true",
+    help="allow Python objects besides tensors in SRC (e.g. DeepSpeed shards "
+    "carrying training args); unpickling them can run code: trusted files "
+    "only",
+  )
 
   j2t = sub.add_parser(
-      "jax-to-torch", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
-      help="geex-jax checkpoint -> released PyTorch layout",
-      description="Convert a geex-jax checkpoint (converted, or a training run / step directory) "
-                  "to the released PyTorch layout: one file DST, or with --shards N a directory "
-                  "DST of mp_rank_XX_model_states.pt split by the model-parallel rules. The "
-                  "result loads with torch.load(weights_only=True) and strict=True.")
-  j2t.add_argument("src", metavar="SRC",
-                   help="a geex-jax checkpoint, run or step directory (local or gs://)")
-  j2t.add_argument("dst", metavar="DST",
-                   help="output .pt file (or directory with --shards), local or gs://")
-  j2t.add_argument("--dtype", choices=("fp16", "fp32", "bf16"), default="fp16",
-                   help="tensor dtype of the output (default: fp16, as released)")
-  j2t.add_argument("--shards", type=int, default=1, metavar="N",
-                   help="write N model-parallel shards into directory DST (default: 1 file)")
+    "jax-to-torch",
+    parents=[common],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    help="geex-jax checkpoint -> released PyTorch layout",
+    description="Convert a geex-jax checkpoint (converted, or a training run / step directory) "
+    "to the released PyTorch layout: one file DST, or with --shards N a directory "
+    "DST of mp_rank_XX_model_states.pt split by the model-parallel rules. The "
+    "result loads with torch.load(weights_only=True) and strict=True.",
+  )
+  j2t.add_argument(
+    "src", metavar="SRC", help="a geex-jax checkpoint, run or step directory (local or gs://)"
+  )
+  j2t.add_argument(
+    "dst", metavar="DST", help="output .pt file (or directory with --shards), local or gs://"
+  )
+  j2t.add_argument(
+    "--dtype",
+    choices=("fp16", "fp32", "bf16"),
+    default="fp16",
+    help="tensor dtype of the output (default: fp16, as released)",
+  )
+  j2t.add_argument(
+    "--shards",
+    type=int,
+    default=1,
+    metavar="N",
+    help="write N model-parallel shards into directory DST (default: 1 file)",
+  )
   return parser
 
 
@@ -103,7 +155,7 @@ def _import_quietly() -> None:
   collecting = gc.isenabled()
   gc.disable()
   try:
-    for module in ("orbax.checkpoint", "conversion.convert"):  # both directions use orbax
+    for module in ("orbax.checkpoint", "geex_jax.conversion.convert"):  # both directions use orbax
       importlib.import_module(module)
   finally:
     if collecting:
@@ -134,19 +186,35 @@ def _keep_freed_memory() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
   args = build_parser().parse_args(argv)
   with cli_errors(PROG):
-    if "conversion.convert" not in sys.modules:  # first call in this process
+    if "geex_jax.conversion.convert" not in sys.modules:  # first call in this process
       _import_quietly()
       _keep_freed_memory()
-    from conversion import convert
+    from geex_jax.conversion import convert
+
     if args.command == "torch-to-jax":
       summary = convert.torch_to_jax(
-          args.src, args.dst, dtype=args.dtype, preset=args.preset, num_heads=args.num_heads,
-          vocab_size=args.vocab_size, scan_layers=args.layout == "scanned", verify=args.verify,
-          overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=args.progress)
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        preset=args.preset,
+        num_heads=args.num_heads,
+        vocab_size=args.vocab_size,
+        scan_layers=args.layout == "scanned",
+        verify=args.verify,
+        overwrite=args.overwrite,
+        trust_pickle=args.trust_pickle,
+        progress=args.progress,
+      )
     else:
       summary = convert.jax_to_torch(
-          args.src, args.dst, dtype=args.dtype, shards=args.shards, verify=args.verify,
-          overwrite=args.overwrite, progress=args.progress)
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        shards=args.shards,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        progress=args.progress,
+      )
     print(summary.line())
 
 

@@ -13,6 +13,7 @@ $TMPDIR): a released checkpoint on gs:// is downloaded first (a geex-jax checkpo
 place, through TensorStore); a gs:// DST is written and verified locally, uploaded to a hidden
 name beside DST, then moved into place (config.json last; on any error the upload is deleted).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -36,11 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conversion import table
-from conversion import torch_io
-from geex_jax import checkpoints, fileio, streaming
+from geex_jax.conversion import table
+from geex_jax.conversion import torch_io
+from geex_jax import fileio
+from geex_jax.model import checkpoints
+from geex_jax.model import streaming
 from geex_jax.errors import CheckpointError, InputError
-from geex_jax.model import PRESETS, CodeGeeXConfig, abstract_params, as_dtype
+from geex_jax.model.codegeex import PRESETS, CodeGeeXConfig, abstract_params, as_dtype
 
 # Above this size --verify compares a sample of tensors bit for bit instead of running both models
 # (which would need the whole model in memory twice).
@@ -52,13 +55,14 @@ JAX_TO_TORCH_DTYPES = ("fp16", "fp32", "bf16")
 @dataclasses.dataclass
 class Summary:
   """What a conversion did; `line()` is the CLI's final report."""
+
   direction: str
-  dst: os.PathLike        # a pathlib.Path, or an epath.Path for gs://
+  dst: os.PathLike  # a pathlib.Path, or an epath.Path for gs://
   tensors: int
   bytes_written: int
   dtype: str
   seconds: float
-  peak_rss: int          # bytes, the process's peak resident set during the conversion
+  peak_rss: int  # bytes, the process's peak resident set during the conversion
   checkpoint_bytes: int  # size of the larger side (the reference for the RSS share)
   verify: Optional[str] = None
 
@@ -67,10 +71,12 @@ class Summary:
     return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
 
   def line(self) -> str:
-    text = (f"{self.direction}: {self.tensors} tensors, {_size(self.bytes_written)} "
-            f"{self.dtype} in {self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s), peak RSS "
-            f"{_size(self.peak_rss)} ({100 * self.peak_rss / max(self.checkpoint_bytes, 1):.0f}% "
-            f"of the {_size(self.checkpoint_bytes)} checkpoint) -> {self.dst}")
+    text = (
+      f"{self.direction}: {self.tensors} tensors, {_size(self.bytes_written)} "
+      f"{self.dtype} in {self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s), peak RSS "
+      f"{_size(self.peak_rss)} ({100 * self.peak_rss / max(self.checkpoint_bytes, 1):.0f}% "
+      f"of the {_size(self.checkpoint_bytes)} checkpoint) -> {self.dst}"
+    )
     return text + (f"\nverify: {self.verify}" if self.verify else "")
 
 
@@ -177,8 +183,9 @@ def _publish_remote(local: pathlib.Path, dst) -> None:
     raise CheckpointError(f"cannot write {target}: {type(e).__name__}: {e}") from None
 
 
-def _upload_and_move(local: pathlib.Path, dst, target: str, upload: str, *, old: str,
-                     last: tuple[str, ...]) -> None:
+def _upload_and_move(
+  local: pathlib.Path, dst, target: str, upload: str, *, old: str, last: tuple[str, ...]
+) -> None:
   try:
     if local.is_dir():
       fileio.copy_tree(local, upload, last=last)
@@ -233,9 +240,17 @@ def _remove(path: pathlib.Path) -> None:
 
 def _progress(total: int, desc: str, enabled: Optional[bool]):
   from tqdm import tqdm
-  return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-              disable=(not sys.stderr.isatty()) if enabled is None else not enabled,
-              file=sys.stderr, dynamic_ncols=True)
+
+  return tqdm(
+    total=total,
+    desc=desc,
+    unit="B",
+    unit_scale=True,
+    unit_divisor=1024,
+    disable=(not sys.stderr.isatty()) if enabled is None else not enabled,
+    file=sys.stderr,
+    dynamic_ncols=True,
+  )
 
 
 # --- shapes ----------------------------------------------------------------------------------
@@ -282,9 +297,13 @@ WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 
 
-def infer_config(shapes: dict[str, tuple], *, preset: Optional[str] = None,
-                 num_heads: Optional[int] = None, vocab_size: Optional[int] = None
-                 ) -> CodeGeeXConfig:
+def infer_config(
+  shapes: dict[str, tuple],
+  *,
+  preset: Optional[str] = None,
+  num_heads: Optional[int] = None,
+  vocab_size: Optional[int] = None,
+) -> CodeGeeXConfig:
   """The model config of a released checkpoint: `preset` if given, else from tensor shapes.
 
   The head count is invisible in the shapes; it comes from `num_heads`, else from the preset of
@@ -299,24 +318,35 @@ def infer_config(shapes: dict[str, tuple], *, preset: Optional[str] = None,
     if num_heads is not None:
       config = config.replace(num_heads=num_heads)
   else:
-    for needed in (WORD_EMBEDDINGS, "embedding.position_embeddings.weight",
-                   "transformer.topQueryLayer.mlp.dense_h_to_4h.weight"):
+    for needed in (
+      WORD_EMBEDDINGS,
+      "embedding.position_embeddings.weight",
+      "transformer.topQueryLayer.mlp.dense_h_to_4h.weight",
+    ):
       if needed not in shapes:
         raise CheckpointError(f"missing key {needed}: cannot infer the model shape")
     max_position, hidden = shapes["embedding.position_embeddings.weight"]
     layers = {int(m.group(1)) for m in map(_LAYER.match, shapes) if m}
     ffn = shapes["transformer.topQueryLayer.mlp.dense_h_to_4h.weight"][0]
     if num_heads is None:
-      matches = [n for n, p in PRESETS.items()
-                 if p.get("hidden_size", CodeGeeXConfig.hidden_size) == hidden]
+      matches = [
+        n for n, p in PRESETS.items() if p.get("hidden_size", CodeGeeXConfig.hidden_size) == hidden
+      ]
       if not matches:
-        raise InputError(f"cannot infer the number of attention heads for hidden size {hidden}; "
-                         "pass --num-heads or --preset")
+        raise InputError(
+          f"cannot infer the number of attention heads for hidden size {hidden}; "
+          "pass --num-heads or --preset"
+        )
       num_heads = CodeGeeXConfig.preset(matches[0]).num_heads
     try:
-      config = CodeGeeXConfig(vocab_size=shapes[WORD_EMBEDDINGS][0], hidden_size=hidden,
-                              num_layers=max(layers) + 1 if layers else 0, num_heads=num_heads,
-                              ffn_size=ffn, max_position=max_position)
+      config = CodeGeeXConfig(
+        vocab_size=shapes[WORD_EMBEDDINGS][0],
+        hidden_size=hidden,
+        num_layers=max(layers) + 1 if layers else 0,
+        num_heads=num_heads,
+        ffn_size=ffn,
+        max_position=max_position,
+      )
     except ValueError as e:
       raise InputError(str(e)) from None
   if vocab_size is not None:
@@ -330,35 +360,51 @@ def check_shapes(source: torch_io.TorchSource, config: CodeGeeXConfig) -> list[s
   missing = sorted(expected.keys() - source.shapes.keys())
   extra = sorted(source.shapes.keys() - expected.keys())
   if missing:
-    raise CheckpointError(f"missing key {missing[0]}" + (
-        f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + _describe(config))
+    raise CheckpointError(
+      f"missing key {missing[0]}"
+      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+      + _describe(config)
+    )
   if extra:
-    raise CheckpointError(f"unexpected key {extra[0]}" + (
-        f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + _describe(config))
+    raise CheckpointError(
+      f"unexpected key {extra[0]}"
+      + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+      + _describe(config)
+    )
   notes = []
   for name, want in expected.items():
     got = source.shapes[name]
     if name == WORD_EMBEDDINGS and got[1:] == want[1:] and got[0] != want[0]:
       verb = "trimming" if got[0] > want[0] else "zero-padding"
-      notes.append(f"word embeddings: {verb} {got[0]} -> {want[0]} rows to match vocab_size "
-                   f"{want[0]}")
+      notes.append(
+        f"word embeddings: {verb} {got[0]} -> {want[0]} rows to match vocab_size {want[0]}"
+      )
       continue
     if got != want:
       hint = ""
       axis = table.split_axis(name)
-      if source.num_shards > 1 and axis is not None and len(got) == len(want) and all(
-          g == w for i, (g, w) in enumerate(zip(got, want)) if i != axis):
-        hint = (f"; inconsistent shard count: {source.num_shards} shard files give dim {axis} = "
-                f"{got[axis]}, the model needs {want[axis]}")
-      raise CheckpointError(f"wrong shape for {name}: {list(got)}, expected {list(want)}"
-                            f"{hint or _describe(config)}")
+      if (
+        source.num_shards > 1
+        and axis is not None
+        and len(got) == len(want)
+        and all(g == w for i, (g, w) in enumerate(zip(got, want)) if i != axis)
+      ):
+        hint = (
+          f"; inconsistent shard count: {source.num_shards} shard files give dim {axis} = "
+          f"{got[axis]}, the model needs {want[axis]}"
+        )
+      raise CheckpointError(
+        f"wrong shape for {name}: {list(got)}, expected {list(want)}{hint or _describe(config)}"
+      )
   return notes
 
 
 def _describe(config: CodeGeeXConfig) -> str:
-  return (f" (model: {config.num_layers}+1 layers, hidden {config.hidden_size}, "
-          f"{config.num_heads} heads, ffn {config.ffn_size}, vocab {config.vocab_size}, "
-          f"{config.max_position} positions)")
+  return (
+    f" (model: {config.num_layers}+1 layers, hidden {config.hidden_size}, "
+    f"{config.num_heads} heads, ffn {config.ffn_size}, vocab {config.vocab_size}, "
+    f"{config.max_position} positions)"
+  )
 
 
 def _fit_vocab(array: np.ndarray, rows: int) -> np.ndarray:
@@ -370,8 +416,12 @@ def _fit_vocab(array: np.ndarray, rows: int) -> np.ndarray:
   return array
 
 
-def _source_tensor(source: torch_io.TorchSource, name: str, config: CodeGeeXConfig,
-                   consume: Callable[[np.ndarray], np.ndarray] = np.array) -> np.ndarray:
+def _source_tensor(
+  source: torch_io.TorchSource,
+  name: str,
+  config: CodeGeeXConfig,
+  consume: Callable[[np.ndarray], np.ndarray] = np.array,
+) -> np.ndarray:
   """consume(released tensor `name` of the source, embedding fitted to the vocab)."""
   if name == WORD_EMBEDDINGS:
     return source.load(name, lambda a: consume(_fit_vocab(a, config.vocab_size)))
@@ -387,6 +437,7 @@ def _compiled(fn: Callable, config: CodeGeeXConfig, dtype: np.dtype) -> Callable
   needs just the cast, which numpy does without compiling anything. Both agree bit for bit
   except in NaN payloads (tested).
   """
+
   def run(array: np.ndarray) -> np.ndarray:
     return _converter(fn, config, np.dtype(dtype), array.shape, array.dtype)(array)
 
@@ -401,8 +452,9 @@ _converters: dict = {}  # (fn, config, dtype, shape, src dtype) -> Future of the
 _converters_lock = threading.Lock()
 
 
-def _converter(fn: Callable, config: CodeGeeXConfig, dtype: np.dtype, shape: tuple,
-               src_dtype: np.dtype) -> Callable:
+def _converter(
+  fn: Callable, config: CodeGeeXConfig, dtype: np.dtype, shape: tuple, src_dtype: np.dtype
+) -> Callable:
   """The converter for one input shape, built once; threads asking for one being built wait."""
   key = (fn, config, np.dtype(dtype), tuple(shape), np.dtype(src_dtype))
   with _converters_lock:
@@ -423,9 +475,11 @@ def _build_converter(fn, config, dtype, shape, src_dtype) -> Callable:
   jaxpr = jax.make_jaxpr(lambda x: fn(x, config))(spec).jaxpr
   ops = [eqn.primitive.name for eqn in jaxpr.eqns]
   if set(ops) <= {"reshape"} and int(np.prod(shape)) * src_dtype.itemsize <= _NUMPY_CAST_MAX_BYTES:
+
     def cast(array: np.ndarray) -> np.ndarray:
       with np.errstate(invalid="ignore"):  # NaNs convert to NaNs, as in XLA, without a warning
         return fn(array, config).astype(dtype)  # numpy: views, then one copy
+
     return cast
   cpu = jax.devices("cpu")[0]  # on the CPU even if a GPU exists
   pre, post, xla_fn = shape, tuple(jaxpr.outvars[0].aval.shape), lambda x: fn(x, config)
@@ -460,6 +514,7 @@ def _prepare(keys) -> None:
   """Builds the converters for `keys` ((fn, config, dtype, shape, src dtype), in the order
   they will be needed) on a background thread: XLA compiles (~0.4 s in all at 2.7B) while the
   conversion starts with what needs no compiling or was compiled first."""
+
   def build():
     for key in dict.fromkeys(keys):
       try:
@@ -479,28 +534,61 @@ def _to_flax(source, name, transform, config, dtype) -> np.ndarray:
 # --- torch -> jax ----------------------------------------------------------------------------
 
 
-def torch_to_jax(src: os.PathLike, dst: os.PathLike, *, dtype: str = "bf16",
-                 preset: Optional[str] = None, num_heads: Optional[int] = None,
-                 vocab_size: Optional[int] = None, scan_layers: bool = True,
-                 verify: bool = False, overwrite: bool = False, trust_pickle: bool = False,
-                 compress: bool = False, progress: Optional[bool] = None,
-                 notify: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-                 ) -> Summary:
+def torch_to_jax(
+  src: os.PathLike,
+  dst: os.PathLike,
+  *,
+  dtype: str = "bf16",
+  preset: Optional[str] = None,
+  num_heads: Optional[int] = None,
+  vocab_size: Optional[int] = None,
+  scan_layers: bool = True,
+  verify: bool = False,
+  overwrite: bool = False,
+  trust_pickle: bool = False,
+  compress: bool = False,
+  progress: Optional[bool] = None,
+  notify: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> Summary:
   """Converts a released checkpoint (file, fused-QKV file or mp_rank_XX shard directory) at SRC
   into a geex-jax params checkpoint at DST (config.json + params/). Either may be gs://."""
   dst = _dst_path(dst)
   np_dtype = _np_dtype(dtype, TORCH_TO_JAX_DTYPES)
   check_destination(dst, overwrite)  # before reading anything: fail fast
   with _local_source(src) as local_src:
-    return _torch_to_jax(local_src, dst, np_dtype, preset=preset, num_heads=num_heads,
-                         vocab_size=vocab_size, scan_layers=scan_layers, verify=verify,
-                         overwrite=overwrite, trust_pickle=trust_pickle, compress=compress,
-                         progress=progress, notify=notify)
+    return _torch_to_jax(
+      local_src,
+      dst,
+      np_dtype,
+      preset=preset,
+      num_heads=num_heads,
+      vocab_size=vocab_size,
+      scan_layers=scan_layers,
+      verify=verify,
+      overwrite=overwrite,
+      trust_pickle=trust_pickle,
+      compress=compress,
+      progress=progress,
+      notify=notify,
+    )
 
 
-def _torch_to_jax(src: pathlib.Path, dst, np_dtype: np.dtype, *, preset, num_heads, vocab_size,
-                  scan_layers, verify, overwrite, trust_pickle, compress, progress,
-                  notify) -> Summary:
+def _torch_to_jax(
+  src: pathlib.Path,
+  dst,
+  np_dtype: np.dtype,
+  *,
+  preset,
+  num_heads,
+  vocab_size,
+  scan_layers,
+  verify,
+  overwrite,
+  trust_pickle,
+  compress,
+  progress,
+  notify,
+) -> Summary:
   start = time.perf_counter()
   source = torch_io.TorchSource(src, trust_pickle=trust_pickle)
   config = infer_config(source.shapes, preset=preset, num_heads=num_heads, vocab_size=vocab_size)
@@ -509,29 +597,45 @@ def _torch_to_jax(src: pathlib.Path, dst, np_dtype: np.dtype, *, preset, num_hea
   config = config.replace(param_dtype=np_dtype.name, scan_layers=scan_layers)
   shapes = flax_shapes(config)
   source_shapes = torch_shapes(config)  # embedding fitted to the vocab, as consume sees it
-  _prepare([(transform.to_flax, config, np_dtype, source_shapes[name], source.dtype)
-            for name, _, transform in table.rows(config)])
+  _prepare(
+    [
+      (transform.to_flax, config, np_dtype, source_shapes[name], source.dtype)
+      for name, _, transform in table.rows(config)
+    ]
+  )
 
   pieces: dict[str, list] = {}
   for torch_name, flax_path, transform in table.rows(config):
     path, index = table.scanned_path(flax_path) if scan_layers else (flax_path, None)
     pieces.setdefault(path, []).append(
-        (index, functools.partial(_to_flax, source, torch_name, transform, config, np_dtype),
-         shapes[flax_path]))
+      (
+        index,
+        functools.partial(_to_flax, source, torch_name, transform, config, np_dtype),
+        shapes[flax_path],
+      )
+    )
   tree: dict = {}
   for path, items in pieces.items():
     shape = items[0][2] if items[0][0] is None else (len(items), *items[0][2])
-    table.set_path(tree, path, checkpoints.LazyArray(shape, np_dtype,
-                                                     tuple((i, p) for i, p, _ in items)))
+    table.set_path(
+      tree, path, checkpoints.LazyArray(shape, np_dtype, tuple((i, p) for i, p, _ in items))
+    )
   total = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
 
   with staged(dst, overwrite) as stage:
     with _progress(total, "torch->jax", progress) as bar:
-      checkpoints.save_params_streaming(stage, config, tree, compress=compress,
-                                        on_bytes=bar.update)
+      checkpoints.save_params_streaming(stage, config, tree, compress=compress, on_bytes=bar.update)
     seconds, rss = time.perf_counter() - start, peak_rss()
-    summary = Summary("torch-to-jax", dst, len(list(table.rows(config))), total,
-                      np_dtype.name, seconds, rss, max(source.nbytes, total))
+    summary = Summary(
+      "torch-to-jax",
+      dst,
+      len(list(table.rows(config))),
+      total,
+      np_dtype.name,
+      seconds,
+      rss,
+      max(source.nbytes, total),
+    )
     if verify:
       summary.verify = verify_torch_to_jax(source, stage, config)
     if fileio.is_url(dst):
@@ -563,13 +667,15 @@ def _stored_reader(stored: checkpoints.StoredParams, config: CodeGeeXConfig):
     want[keys] = shape if index is None else (config.num_layers, *shape)
   if set(want) != set(stored.leaves):
     diff = sorted("/".join(k) for k in set(want).symmetric_difference(stored.leaves))
-    raise CheckpointError(f"{stored.path} does not match its config.json: leaves differ at "
-                          f"{diff[:3]}")
+    raise CheckpointError(
+      f"{stored.path} does not match its config.json: leaves differ at {diff[:3]}"
+    )
   for keys, shape in want.items():
     got = tuple(stored.leaves[keys].shape)
     if got != shape:
-      raise CheckpointError(f"{stored.path}: {'/'.join(keys)} has shape {list(got)}, config.json "
-                            f"implies {list(shape)}")
+      raise CheckpointError(
+        f"{stored.path}: {'/'.join(keys)} has shape {list(got)}, config.json implies {list(shape)}"
+      )
 
   def read(flax_path: str):
     """Starts reading a leaf (or one layer of it); `.result()` is the numpy array."""
@@ -582,9 +688,16 @@ def _stored_dtype(stored: checkpoints.StoredParams, flax_path: str) -> np.dtype:
   return np.dtype(stored.leaves[_stored_leaf(stored, flax_path)[0]].dtype.numpy_dtype)
 
 
-def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", shards: int = 1,
-                 verify: bool = False, overwrite: bool = False,
-                 progress: Optional[bool] = None) -> Summary:
+def jax_to_torch(
+  src: os.PathLike,
+  dst: os.PathLike,
+  *,
+  dtype: str = "fp16",
+  shards: int = 1,
+  verify: bool = False,
+  overwrite: bool = False,
+  progress: Optional[bool] = None,
+) -> Summary:
   """Converts a geex-jax checkpoint (params-only, run dir or step dir) at SRC to the released
   layout: one file DST, or with shards > 1 a directory DST of mp_rank_XX_model_states.pt. Either
   may be gs:// (a gs:// SRC is read in place, through TensorStore)."""
@@ -612,14 +725,28 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
       return shape
     return tuple(s // shards if i == axis else s for i, s in enumerate(shape))
 
-  layouts = [table.nest_released({n: torch_io.placeholder(part_shape(n, s), np_dtype)
-                                  for n, s in shapes.items()}) for _ in range(shards)]
+  layouts = [
+    table.nest_released(
+      {n: torch_io.placeholder(part_shape(n, s), np_dtype) for n, s in shapes.items()}
+    )
+    for _ in range(shards)
+  ]
   transforms = {t: (f, tr) for t, f, tr in table.rows(config)}
   sizes = {name: int(np.prod(s)) * np_dtype.itemsize for name, s in shapes.items()}
   total = sum(sizes.values())
   stored_shapes = flax_shapes(config)
-  _prepare([(transform.to_torch, config, np_dtype, stored_shapes[flax_path],
-             _stored_dtype(stored, flax_path)) for _, flax_path, transform in table.rows(config)])
+  _prepare(
+    [
+      (
+        transform.to_torch,
+        config,
+        np_dtype,
+        stored_shapes[flax_path],
+        _stored_dtype(stored, flax_path),
+      )
+      for _, flax_path, transform in table.rows(config)
+    ]
+  )
 
   def produce(name: str, fetched=None) -> np.ndarray:
     flax_path, transform = transforms[name]
@@ -650,8 +777,13 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
       try:
         with streaming.BackgroundSync() as syncs:
           # One writer: each file's tensors go in pickling order.
-          streaming.run(names, start=lambda name: read(transforms[name][0]), produce=produce,
-                        write=write, nbytes=lambda name: sizes[name])
+          streaming.run(
+            names,
+            start=lambda name: read(transforms[name][0]),
+            produce=produce,
+            write=write,
+            nbytes=lambda name: sizes[name],
+          )
       except BaseException:
         for writer in writers:
           writer.abandon()
@@ -661,8 +793,9 @@ def jax_to_torch(src: os.PathLike, dst: os.PathLike, *, dtype: str = "fp16", sha
       fileio.fsync_path(path)  # durable before the rename publishes it
     seconds, rss = time.perf_counter() - start, peak_rss()
     written = sum(os.path.getsize(p) for p in paths)
-    summary = Summary("jax-to-torch", dst, len(shapes), total, np_dtype.name, seconds, rss,
-                      max(written, total))
+    summary = Summary(
+      "jax-to-torch", dst, len(shapes), total, np_dtype.name, seconds, rss, max(written, total)
+    )
     if verify:
       summary.verify = verify_jax_to_torch(stage, read, config, produce)
   return summary
@@ -689,17 +822,20 @@ def _logits_diff(config: CodeGeeXConfig, flat_fp32: dict[str, np.ndarray], param
   """Max |logits(torch reference) - logits(JAX)| on a fixed prompt, both in fp32."""
   import torch
   import jax.numpy as jnp
-  from conversion.torch_reference import CodeGeeXTorch
-  from geex_jax.model import CodeGeeX
+  from geex_jax.conversion.torch_reference import CodeGeeXTorch
+  from geex_jax.model.codegeex import CodeGeeX
+
   cfg = config.replace(dtype="float32", param_dtype="float32", dropout_rate=0.0)
   tokens = np.random.RandomState(0).randint(
-      0, min(cfg.vocab_size, 50400), size=(1, min(_PROMPT_LEN, cfg.max_position)))
+    0, min(cfg.vocab_size, 50400), size=(1, min(_PROMPT_LEN, cfg.max_position))
+  )
   ref = CodeGeeXTorch(cfg.replace(scan_layers=False)).eval()
   try:
     ref.load_released({k: torch.from_numpy(v) for k, v in flat_fp32.items()}, strict=True)
   except RuntimeError as e:
-    raise CheckpointError(f"verify: the PyTorch reference rejects the weights: "
-                          f"{str(e).splitlines()[0]}") from None
+    raise CheckpointError(
+      f"verify: the PyTorch reference rejects the weights: {str(e).splitlines()[0]}"
+    ) from None
   with torch.no_grad():
     expected = ref(torch.from_numpy(tokens))[0].numpy()
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
@@ -709,21 +845,25 @@ def _logits_diff(config: CodeGeeXConfig, flat_fp32: dict[str, np.ndarray], param
 
 def _check_logits(diff: float) -> str:
   if not diff <= 1e-4:
-    raise CheckpointError(f"verify failed: logits of JAX and the PyTorch reference differ by "
-                          f"{diff:.3g} (> 1e-4)")
+    raise CheckpointError(
+      f"verify failed: logits of JAX and the PyTorch reference differ by {diff:.3g} (> 1e-4)"
+    )
   return f"logits of JAX and the PyTorch reference agree (max abs diff {diff:.2e} <= 1e-4)"
 
 
 def _sample_rows(config: CodeGeeXConfig) -> list[str]:
   last = config.num_layers - 1
-  wanted = [WORD_EMBEDDINGS, "topQueryEmbedding.top_query_embeddings.weight",
-            "transformer.layers.0.attention.query.weight",
-            f"transformer.layers.{last // 2}.mlp.dense_h_to_4h.weight",
-            f"transformer.layers.{last}.attention.dense.weight",
-            f"transformer.layers.{last}.input_layernorm.bias",
-            "transformer.topQueryLayer.attention.value.weight",
-            "transformer.topQueryLayer.mlp.dense_4h_to_h.weight",
-            "transformer.final_layernorm.weight"]
+  wanted = [
+    WORD_EMBEDDINGS,
+    "topQueryEmbedding.top_query_embeddings.weight",
+    "transformer.layers.0.attention.query.weight",
+    f"transformer.layers.{last // 2}.mlp.dense_h_to_4h.weight",
+    f"transformer.layers.{last}.attention.dense.weight",
+    f"transformer.layers.{last}.input_layernorm.bias",
+    "transformer.topQueryLayer.attention.value.weight",
+    "transformer.topQueryLayer.mlp.dense_4h_to_h.weight",
+    "transformer.final_layernorm.weight",
+  ]
   names = {t for t, _, _ in table.rows(config)}
   return [n for n in wanted if n in names]
 
@@ -732,15 +872,19 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
   return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def verify_torch_to_jax(source: torch_io.TorchSource, stage: pathlib.Path,
-                        config: CodeGeeXConfig) -> str:
+def verify_torch_to_jax(
+  source: torch_io.TorchSource, stage: pathlib.Path, config: CodeGeeXConfig
+) -> str:
   """Small models: same logits from the reference (fed the source weights rounded to the stored
   dtype) and from the written checkpoint. Large: a sample of tensors compared bit for bit."""
   stored_dtype = np.dtype(as_dtype(config.param_dtype))
   if config.num_params() <= VERIFY_LOGITS_MAX_PARAMS:
-    flat = {name: _source_tensor(source, name, config,
-                                 lambda a: a.astype(stored_dtype).astype(np.float32))
-            for name, _, _ in table.rows(config)}
+    flat = {
+      name: _source_tensor(
+        source, name, config, lambda a: a.astype(stored_dtype).astype(np.float32)
+      )
+      for name, _, _ in table.rows(config)
+    }
     _, params = checkpoints.load_params(stage, scan_layers=config.scan_layers)
     return _check_logits(_logits_diff(config, flat, params))
   read = _stored_reader(checkpoints.StoredParams(stage), config)

@@ -8,6 +8,7 @@ Torch names are the "released names": keys of the released checkpoint below
 (e.g. `transformer.layers.3.attention.query.weight`). Flax paths are "/"-joined keys of the
 unscanned params tree (`layers_3/attention/query/kernel`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,12 +16,13 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from geex_jax.model import CodeGeeXConfig
+from geex_jax.model.codegeex import CodeGeeXConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
   """A shape transform between a torch tensor and a flax array (both numpy here)."""
+
   name: str
   to_flax: Callable[[np.ndarray, CodeGeeXConfig], np.ndarray]
   to_torch: Callable[[np.ndarray, CodeGeeXConfig], np.ndarray]
@@ -35,44 +37,47 @@ IDENTITY = Transform("identity", lambda x, c: x, lambda x, c: x)
 LINEAR = Transform("linear", lambda x, c: x.T, lambda x, c: x.T)
 # Q/K/V Linear [n*h, d] -> DenseGeneral kernel [d, n, h].
 LINEAR_TO_HEADS = Transform(
-    "linear_to_heads",
-    lambda x, c: x.T.reshape(x.shape[1], *_heads(c)),
-    lambda x, c: x.reshape(x.shape[0], -1).T)
+  "linear_to_heads",
+  lambda x, c: x.T.reshape(x.shape[1], *_heads(c)),
+  lambda x, c: x.reshape(x.shape[0], -1).T,
+)
 # Q/K/V bias [n*h] -> [n, h].
 BIAS_TO_HEADS = Transform(
-    "bias_to_heads", lambda x, c: x.reshape(*_heads(c)), lambda x, c: x.reshape(-1))
+  "bias_to_heads", lambda x, c: x.reshape(*_heads(c)), lambda x, c: x.reshape(-1)
+)
 # attention.dense Linear [d, n*h] -> DenseGeneral kernel [n, h, d].
 LINEAR_FROM_HEADS = Transform(
-    "linear_from_heads",
-    lambda x, c: x.T.reshape(*_heads(c), x.shape[0]),
-    lambda x, c: x.reshape(-1, x.shape[-1]).T)
+  "linear_from_heads",
+  lambda x, c: x.T.reshape(*_heads(c), x.shape[0]),
+  lambda x, c: x.reshape(-1, x.shape[-1]).T,
+)
 
 # (torch suffix within a layer, flax subpath within a layer, transform)
 LAYER_ROWS: tuple[tuple[str, str, Transform], ...] = (
-    ("input_layernorm.weight", "input_layernorm/scale", IDENTITY),
-    ("input_layernorm.bias", "input_layernorm/bias", IDENTITY),
-    ("attention.query.weight", "attention/query/kernel", LINEAR_TO_HEADS),
-    ("attention.query.bias", "attention/query/bias", BIAS_TO_HEADS),
-    ("attention.key.weight", "attention/key/kernel", LINEAR_TO_HEADS),
-    ("attention.key.bias", "attention/key/bias", BIAS_TO_HEADS),
-    ("attention.value.weight", "attention/value/kernel", LINEAR_TO_HEADS),
-    ("attention.value.bias", "attention/value/bias", BIAS_TO_HEADS),
-    ("attention.dense.weight", "attention/dense/kernel", LINEAR_FROM_HEADS),
-    ("attention.dense.bias", "attention/dense/bias", IDENTITY),
-    ("post_attention_layernorm.weight", "post_attention_layernorm/scale", IDENTITY),
-    ("post_attention_layernorm.bias", "post_attention_layernorm/bias", IDENTITY),
-    ("mlp.dense_h_to_4h.weight", "mlp/dense_h_to_4h/kernel", LINEAR),
-    ("mlp.dense_h_to_4h.bias", "mlp/dense_h_to_4h/bias", IDENTITY),
-    ("mlp.dense_4h_to_h.weight", "mlp/dense_4h_to_h/kernel", LINEAR),
-    ("mlp.dense_4h_to_h.bias", "mlp/dense_4h_to_h/bias", IDENTITY),
+  ("input_layernorm.weight", "input_layernorm/scale", IDENTITY),
+  ("input_layernorm.bias", "input_layernorm/bias", IDENTITY),
+  ("attention.query.weight", "attention/query/kernel", LINEAR_TO_HEADS),
+  ("attention.query.bias", "attention/query/bias", BIAS_TO_HEADS),
+  ("attention.key.weight", "attention/key/kernel", LINEAR_TO_HEADS),
+  ("attention.key.bias", "attention/key/bias", BIAS_TO_HEADS),
+  ("attention.value.weight", "attention/value/kernel", LINEAR_TO_HEADS),
+  ("attention.value.bias", "attention/value/bias", BIAS_TO_HEADS),
+  ("attention.dense.weight", "attention/dense/kernel", LINEAR_FROM_HEADS),
+  ("attention.dense.bias", "attention/dense/bias", IDENTITY),
+  ("post_attention_layernorm.weight", "post_attention_layernorm/scale", IDENTITY),
+  ("post_attention_layernorm.bias", "post_attention_layernorm/bias", IDENTITY),
+  ("mlp.dense_h_to_4h.weight", "mlp/dense_h_to_4h/kernel", LINEAR),
+  ("mlp.dense_h_to_4h.bias", "mlp/dense_h_to_4h/bias", IDENTITY),
+  ("mlp.dense_4h_to_h.weight", "mlp/dense_4h_to_h/kernel", LINEAR),
+  ("mlp.dense_4h_to_h.bias", "mlp/dense_4h_to_h/bias", IDENTITY),
 )
 
 GLOBAL_ROWS: tuple[tuple[str, str, Transform], ...] = (
-    ("embedding.word_embeddings.weight", "word_embeddings/embedding", IDENTITY),
-    ("embedding.position_embeddings.weight", "position_embeddings/embedding", IDENTITY),
-    ("topQueryEmbedding.top_query_embeddings.weight", "top_query_embeddings/embedding", IDENTITY),
-    ("transformer.final_layernorm.weight", "final_layernorm/scale", IDENTITY),
-    ("transformer.final_layernorm.bias", "final_layernorm/bias", IDENTITY),
+  ("embedding.word_embeddings.weight", "word_embeddings/embedding", IDENTITY),
+  ("embedding.position_embeddings.weight", "position_embeddings/embedding", IDENTITY),
+  ("topQueryEmbedding.top_query_embeddings.weight", "top_query_embeddings/embedding", IDENTITY),
+  ("transformer.final_layernorm.weight", "final_layernorm/scale", IDENTITY),
+  ("transformer.final_layernorm.bias", "final_layernorm/bias", IDENTITY),
 )
 
 TOP_LAYER_TORCH = "transformer.topQueryLayer"
@@ -148,8 +153,10 @@ def released_to_params(flat: dict, config: CodeGeeXConfig) -> dict:
   expected = {t for t, _, _ in rows(config)}
   missing, extra = expected - flat.keys(), flat.keys() - expected
   if missing or extra:
-    raise KeyError(f"state dict does not match the model: missing {sorted(missing)[:5]}, "
-                   f"unexpected {sorted(extra)[:5]}")
+    raise KeyError(
+      f"state dict does not match the model: missing {sorted(missing)[:5]}, "
+      f"unexpected {sorted(extra)[:5]}"
+    )
   params: dict = {}
   for torch_name, flax_path, transform in rows(config):
     set_path(params, flax_path, transform.to_flax(np.asarray(flat[torch_name]), config))
@@ -158,8 +165,10 @@ def released_to_params(flat: dict, config: CodeGeeXConfig) -> dict:
 
 def params_to_released(params: dict, config: CodeGeeXConfig) -> dict:
   """Unscanned geex-jax params -> {released name: numpy array}."""
-  return {torch_name: transform.to_torch(np.asarray(get_path(params, flax_path)), config)
-          for torch_name, flax_path, transform in rows(config)}
+  return {
+    torch_name: transform.to_torch(np.asarray(get_path(params, flax_path)), config)
+    for torch_name, flax_path, transform in rows(config)
+  }
 
 
 # --- Layout variants around the table: fused Q/K/V and model-parallel shards (facts §3). -------
@@ -168,9 +177,8 @@ def params_to_released(params: dict, config: CodeGeeXConfig) -> dict:
 # (fused suffix within a layer, part suffixes in concat order, layers it occurs in).
 # The top query layer keeps its query separate (its queries come from the top query table).
 FUSED_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("attention.query_key_value", ("attention.query", "attention.key", "attention.value"),
-     "layers"),
-    ("attention.key_value", ("attention.key", "attention.value"), "topQueryLayer"),
+  ("attention.query_key_value", ("attention.query", "attention.key", "attention.value"), "layers"),
+  ("attention.key_value", ("attention.key", "attention.value"), "topQueryLayer"),
 )
 
 # How model-parallel shards split each tensor: (released-name suffix, torch dim), None meaning
@@ -178,16 +186,23 @@ FUSED_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 # Column-parallel linears split their output rows (dim 0, bias too); row-parallel linears split
 # their input columns (dim 1) and replicate the bias.
 SPLIT_RULES: tuple[tuple[str, Optional[int]], ...] = (
-    ("word_embeddings.weight", 0),
-    ("top_query_embeddings.weight", 0),
-    ("position_embeddings.weight", None),
-    ("attention.query.weight", 0), ("attention.query.bias", 0),
-    ("attention.key.weight", 0), ("attention.key.bias", 0),
-    ("attention.value.weight", 0), ("attention.value.bias", 0),
-    ("mlp.dense_h_to_4h.weight", 0), ("mlp.dense_h_to_4h.bias", 0),
-    ("attention.dense.weight", 1), ("attention.dense.bias", None),
-    ("mlp.dense_4h_to_h.weight", 1), ("mlp.dense_4h_to_h.bias", None),
-    ("layernorm.weight", None), ("layernorm.bias", None),
+  ("word_embeddings.weight", 0),
+  ("top_query_embeddings.weight", 0),
+  ("position_embeddings.weight", None),
+  ("attention.query.weight", 0),
+  ("attention.query.bias", 0),
+  ("attention.key.weight", 0),
+  ("attention.key.bias", 0),
+  ("attention.value.weight", 0),
+  ("attention.value.bias", 0),
+  ("mlp.dense_h_to_4h.weight", 0),
+  ("mlp.dense_h_to_4h.bias", 0),
+  ("attention.dense.weight", 1),
+  ("attention.dense.bias", None),
+  ("mlp.dense_4h_to_h.weight", 1),
+  ("mlp.dense_4h_to_h.bias", None),
+  ("layernorm.weight", None),
+  ("layernorm.bias", None),
 )
 
 
@@ -210,7 +225,7 @@ def fused_parts(name: str) -> Optional[tuple[str, ...]]:
     for kind in ("weight", "bias"):
       tail = f"{fused}.{kind}"
       if name.endswith("." + tail):
-        prefix = name[:-len(tail)]
+        prefix = name[: -len(tail)]
         scope = prefix.split(".")[1] if prefix.startswith("transformer.") else None
         if scope == where:
           return tuple(f"{prefix}{p}.{kind}" for p in parts)
@@ -226,7 +241,7 @@ def fuse_released(flat: dict, concat: Callable) -> dict:
       for kind in ("weight", "bias"):
         first = f"{parts[0]}.{kind}"
         if name.endswith("." + first) and name.split(".")[1] == where:
-          prefix = name[:-len(first)]
+          prefix = name[: -len(first)]
           names = [f"{prefix}{p}.{kind}" for p in parts]
           out[f"{prefix}{fused}.{kind}"] = concat([out.pop(n) for n in names], 0)
   return out
@@ -253,6 +268,6 @@ def scanned_path(flax_path: str) -> tuple[str, Optional[int]]:
   """An unscanned flax path -> (its path in the scanned layout, layer index or None).
   `layers_3/mlp/dense_h_to_4h/kernel` -> (`layers/mlp/dense_h_to_4h/kernel`, 3)."""
   head, _, rest = flax_path.partition("/")
-  if head.startswith("layers_") and head[len("layers_"):].isdigit():
-    return f"layers/{rest}", int(head[len("layers_"):])
+  if head.startswith("layers_") and head[len("layers_") :].isdigit():
+    return f"layers/{rest}", int(head[len("layers_") :])
   return flax_path, None

@@ -13,6 +13,7 @@ when its record is written, so a state dict never has to exist in memory. It doe
 (torch has no per-tensor streaming writer): jax-to-torch never imports it (about a second, an
 eighth of a 2.7B conversion).
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,18 +34,24 @@ from typing import Callable, Sequence
 import ml_dtypes
 import numpy as np
 
-from conversion import table
+from geex_jax.conversion import table
 from geex_jax.errors import CheckpointError, InputError
 
 SHARD_PATTERN = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 # The storage classes torch.save pickles for each dtype (`TypedStorage._pickle_storage_type`).
-_STORAGE_DTYPES = {"FloatStorage": np.dtype(np.float32), "HalfStorage": np.dtype(np.float16),
-                   "BFloat16Storage": np.dtype(ml_dtypes.bfloat16)}
+_STORAGE_DTYPES = {
+  "FloatStorage": np.dtype(np.float32),
+  "HalfStorage": np.dtype(np.float16),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+}
 _STORAGE_TYPE = {v: k for k, v in _STORAGE_DTYPES.items()}
-_TORCH_NAMES = {"torch.float32": "float32", "torch.float16": "float16",
-                "torch.bfloat16": "bfloat16"}
+_TORCH_NAMES = {
+  "torch.float32": "float32",
+  "torch.float16": "float16",
+  "torch.bfloat16": "bfloat16",
+}
 
 
 def shard_name(rank: int) -> str:
@@ -68,26 +75,31 @@ def _load(path: pathlib.Path, trust_pickle: bool):
   with open(path, "rb") as f:
     head = f.read(4)
   if head != _ZIP_MAGIC:
-    raise InputError(f"{path} is not a PyTorch checkpoint (no torch.save zip header; files from "
-                     "torch < 1.6 must be re-saved with a newer torch first)")
+    raise InputError(
+      f"{path} is not a PyTorch checkpoint (no torch.save zip header; files from "
+      "torch < 1.6 must be re-saved with a newer torch first)"
+    )
   import torch  # imported here: writing a .pt file (jax-to-torch) does not need it
+
   try:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
     if "weights_only" in str(e) or "Unsupported global" in str(e):
-      raise InputError(f"{path} holds Python objects besides tensors (e.g. training args); "
-                       "pass --trust-pickle to load it anyway, only if you trust the file"
-                       ) from None
+      raise InputError(
+        f"{path} holds Python objects besides tensors (e.g. training args); "
+        "pass --trust-pickle to load it anyway, only if you trust the file"
+      ) from None
     raise InputError(f"{path} is not a valid PyTorch checkpoint: {_first_line(e)}") from None
   except RuntimeError as e:
     if "central directory" in str(e) or "zip archive" in str(e):
-      raise InputError(f"{path} is truncated or damaged (its zip directory cannot be read): "
-                       f"{_first_line(e)}") from None
-    raise InputError(f"{path} cannot be read as a PyTorch checkpoint: {_first_line(e)}"
-                     ) from None
+      raise InputError(
+        f"{path} is truncated or damaged (its zip directory cannot be read): {_first_line(e)}"
+      ) from None
+    raise InputError(f"{path} cannot be read as a PyTorch checkpoint: {_first_line(e)}") from None
   except (EOFError, ValueError, OSError) as e:
-    raise InputError(f"{path} is truncated or damaged: {type(e).__name__}: {_first_line(e)}"
-                     ) from None
+    raise InputError(
+      f"{path} is truncated or damaged: {type(e).__name__}: {_first_line(e)}"
+    ) from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -97,6 +109,7 @@ def _first_line(e: BaseException) -> str:
 
 def _flatten(checkpoint, path: pathlib.Path) -> dict:
   """The released nesting -> {released name: tensor}, rejecting anything else in it."""
+
   def child(node, key, where):
     if not isinstance(node, dict) or key not in node:
       got = sorted(map(str, node))[:6] if isinstance(node, dict) else type(node).__name__
@@ -105,18 +118,22 @@ def _flatten(checkpoint, path: pathlib.Path) -> dict:
 
   lm = child(child(checkpoint, "module", ""), "language_model", "['module']")
   if not isinstance(lm, dict):
-    raise CheckpointError(f"{path}: wrong nesting: ['module']['language_model'] is a "
-                          f"{type(lm).__name__}, expected a dict")
+    raise CheckpointError(
+      f"{path}: wrong nesting: ['module']['language_model'] is a "
+      f"{type(lm).__name__}, expected a dict"
+    )
   extra = set(lm) - {"embedding", "topQueryEmbedding", "transformer"}
   if extra:
-    raise CheckpointError(f"{path}: unexpected entries in ['module']['language_model']: "
-                          f"{sorted(map(str, extra))}")
+    raise CheckpointError(
+      f"{path}: unexpected entries in ['module']['language_model']: {sorted(map(str, extra))}"
+    )
   flat: dict = {}
 
   def add(name, value):
     if not _is_tensor(value):
-      raise CheckpointError(f"{path}: wrong nesting: {name} is a {type(value).__name__}, "
-                            "expected a tensor")
+      raise CheckpointError(
+        f"{path}: wrong nesting: {name} is a {type(value).__name__}, expected a tensor"
+      )
     flat[name] = value
 
   for group in ("embedding", "topQueryEmbedding"):
@@ -125,8 +142,10 @@ def _flatten(checkpoint, path: pathlib.Path) -> dict:
       raise CheckpointError(f"{path}: wrong nesting: {group} is a {type(modules).__name__}")
     for module, params in modules.items():
       if not isinstance(params, dict):
-        raise CheckpointError(f"{path}: wrong nesting: {group}.{module} is a "
-                              f"{type(params).__name__}, expected a dict of tensors")
+        raise CheckpointError(
+          f"{path}: wrong nesting: {group}.{module} is a "
+          f"{type(params).__name__}, expected a dict of tensors"
+        )
       for param, value in params.items():
         add(f"{group}.{module}.{param}", value)
   transformer = lm.get("transformer", {})
@@ -139,6 +158,7 @@ def _flatten(checkpoint, path: pathlib.Path) -> dict:
 
 def _is_tensor(value) -> bool:
   import torch  # already imported by _load
+
   return isinstance(value, torch.Tensor)
 
 
@@ -147,6 +167,7 @@ def to_numpy(t) -> np.ndarray:
   dtype = numpy_dtype(t.dtype)
   if dtype == np.dtype(ml_dtypes.bfloat16):
     import torch
+
     return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
 
@@ -170,6 +191,7 @@ def _release(array: np.ndarray) -> None:
 class _Part:
   """Where one shard's part of a canonical tensor lives: a stored tensor, or a dim-0 slice of a
   fused one."""
+
   __slots__ = ("tensor", "piece", "pieces")
 
   def __init__(self, tensor, piece: int = 0, pieces: int = 1):
@@ -182,7 +204,7 @@ class _Part:
 
   def view(self):
     rows = self.tensor.shape[0] // self.pieces
-    return self.tensor[self.piece * rows:(self.piece + 1) * rows]
+    return self.tensor[self.piece * rows : (self.piece + 1) * rows]
 
 
 class TorchSource:
@@ -206,8 +228,10 @@ class TorchSource:
     for rank, parts in enumerate(self.parts[1:], 1):
       if set(parts) != names:
         diff = sorted(names.symmetric_difference(parts))[:3]
-        raise CheckpointError(f"inconsistent shards: {self.files[rank].name} and "
-                              f"{self.files[0].name} hold different tensors (e.g. {diff})")
+        raise CheckpointError(
+          f"inconsistent shards: {self.files[rank].name} and "
+          f"{self.files[0].name} hold different tensors (e.g. {diff})"
+        )
     self.shapes = {name: self._merged_shape(name) for name in sorted(names)}
 
   @property
@@ -235,8 +259,9 @@ class TorchSource:
       raise InputError(f"{directory} holds no mp_rank_XX_model_states.pt shard files")
     missing = [shard_name(r) for r in range(max(ranks) + 1) if r not in ranks]
     if missing:
-      raise CheckpointError(f"inconsistent shard count in {directory}: found ranks "
-                            f"{sorted(ranks)}, missing {missing}")
+      raise CheckpointError(
+        f"inconsistent shard count in {directory}: found ranks {sorted(ranks)}, missing {missing}"
+      )
     return [ranks[r] for r in range(len(ranks))]
 
   @staticmethod
@@ -248,8 +273,10 @@ class TorchSource:
         parts[name] = _Part(tensor)
         continue
       if tensor.ndim == 0 or tensor.shape[0] % len(unfused):
-        raise CheckpointError(f"{path}: fused tensor {name} of shape {list(tensor.shape)} does "
-                              f"not split into {len(unfused)} equal parts on dim 0")
+        raise CheckpointError(
+          f"{path}: fused tensor {name} of shape {list(tensor.shape)} does "
+          f"not split into {len(unfused)} equal parts on dim 0"
+        )
       for i, part in enumerate(unfused):
         if part in flat:
           raise CheckpointError(f"{path}: {part} is stored both fused and separately")
@@ -266,16 +293,16 @@ class TorchSource:
       return shapes[0]  # an unknown name; the key check reports it
     if any(s != shapes[0] for s in shapes):
       raise CheckpointError(
-          f"inconsistent shards: {name} has shapes {[list(s) for s in shapes]} in "
-          f"{[f.name for f in self.files]}")
+        f"inconsistent shards: {name} has shapes {[list(s) for s in shapes]} in "
+        f"{[f.name for f in self.files]}"
+      )
     if axis is None:
       return shapes[0]
     merged = list(shapes[0])
     merged[axis] *= self.num_shards
     return tuple(merged)
 
-  def load(self, name: str, consume: Callable[[np.ndarray], np.ndarray] = np.array
-             ) -> np.ndarray:
+  def load(self, name: str, consume: Callable[[np.ndarray], np.ndarray] = np.array) -> np.ndarray:
     """Returns consume(tensor `name`), the tensor being a numpy array in the stored dtype.
 
     From a single file the array is a view of the mapped file (no copy), valid only during
@@ -321,6 +348,7 @@ _STORAGE_CLASSES = {dtype: _Global("torch", name) for dtype, name in _STORAGE_TY
 class _Pickler(pickle._Pickler):
   """The pure-Python pickler (its output is byte-identical to the C one's) taught to write a
   `_Global` as the GLOBAL opcode the real object would give."""
+
   dispatch = dict(pickle._Pickler.dispatch)
 
   def save_reference(self, obj: _Global) -> None:
@@ -342,9 +370,10 @@ class _TensorPlaceholder:
     for s in reversed(self.shape):
       stride.append(acc)
       acc *= s
-    return (_REBUILD_TENSOR,
-            (self.storage, 0, self.shape, tuple(reversed(stride)), False,
-             collections.OrderedDict()))
+    return (
+      _REBUILD_TENSOR,
+      (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()),
+    )
 
 
 # What torch's zip writer (`torch._C.PyTorchFileWriter`) records besides the pickle and storages.
@@ -362,6 +391,7 @@ class _ZipWriter:
   big record is computed on a second thread while the data (and the next record) is written, and
   filled into the local header once known (at 2.7B the CRCs take ~1.5 CPU-s, writing ~3).
   """
+
   _LOCAL = struct.Struct("<IHHHHHIIIHH")
   _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
   _ZIP64_END = struct.Struct("<IQHHIIQQQQ")
@@ -381,7 +411,7 @@ class _ZipWriter:
   def _write(self, data) -> None:
     view = memoryview(data).cast("B")
     while view.nbytes:  # a write may be short (Linux caps one at ~2 GB)
-      view = view[self._file.write(view):]
+      view = view[self._file.write(view) :]
 
   def add(self, name: str, data) -> None:
     data = memoryview(data).cast("B")
@@ -393,9 +423,21 @@ class _ZipWriter:
     extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
     small = size < (1 << 20)
     crc = zlib.crc32(data) if small else self._crc_thread().submit(zlib.crc32, data)
-    self._write(self._LOCAL.pack(0x04034B50, 45 if zip64 else 20, 0, 0, 0, self._DATE,
-                                 crc if small else 0, min(size, self._MAX),
-                                 min(size, self._MAX), len(name_bytes), len(extra)))
+    self._write(
+      self._LOCAL.pack(
+        0x04034B50,
+        45 if zip64 else 20,
+        0,
+        0,
+        0,
+        self._DATE,
+        crc if small else 0,
+        min(size, self._MAX),
+        min(size, self._MAX),
+        len(name_bytes),
+        len(extra),
+      )
+    )
     self._write(name_bytes + extra)
     if (self._offset + self._LOCAL.size + len(name_bytes) + len(extra)) % _ALIGNMENT:
       raise AssertionError(f"record {name} is not {_ALIGNMENT}-byte aligned")
@@ -426,18 +468,46 @@ class _ZipWriter:
     for name, crc, size, offset in self._entries:
       big = [v for v in (size, size, offset) if v >= self._MAX]
       extra = struct.pack(f"<HH{len(big)}Q", 1, 8 * len(big), *big) if big else b""
-      self._write(self._CENTRAL.pack(
-          0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, self._DATE, crc,
-          min(size, self._MAX), min(size, self._MAX), len(name), len(extra), 0, 0, 0, 0,
-          min(offset, self._MAX)) + name + extra)
+      self._write(
+        self._CENTRAL.pack(
+          0x02014B50,
+          45 if big else 20,
+          45 if big else 20,
+          0,
+          0,
+          0,
+          self._DATE,
+          crc,
+          min(size, self._MAX),
+          min(size, self._MAX),
+          len(name),
+          len(extra),
+          0,
+          0,
+          0,
+          0,
+          min(offset, self._MAX),
+        )
+        + name
+        + extra
+      )
       self._offset += self._CENTRAL.size + len(name) + len(extra)
     count, length = len(self._entries), self._offset - start
     if count >= 0xFFFF or length >= self._MAX or start >= self._MAX:
-      self._write(self._ZIP64_END.pack(0x06064B50, 44, 45, 45, 0, 0, count, count, length,
-                                       start))
+      self._write(self._ZIP64_END.pack(0x06064B50, 44, 45, 45, 0, 0, count, count, length, start))
       self._write(self._ZIP64_LOCATOR.pack(0x07064B50, 0, self._offset, 1))
-    self._write(self._END.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
-                               min(length, self._MAX), min(start, self._MAX), 0))
+    self._write(
+      self._END.pack(
+        0x06054B50,
+        0,
+        0,
+        min(count, 0xFFFF),
+        min(count, 0xFFFF),
+        min(length, self._MAX),
+        min(start, self._MAX),
+        0,
+      )
+    )
     self.abandon()
 
   def abandon(self) -> None:
@@ -497,11 +567,15 @@ class TorchZipWriter:
     placeholder = self.order[self._next]
     want = (placeholder.shape, placeholder.storage.dtype)
     if (array.shape, array.dtype) != want:
-      raise CheckpointError(f"tensor {self._next}: got {array.dtype}{list(array.shape)}, "
-                            f"expected {want[1]}{list(want[0])}")
+      raise CheckpointError(
+        f"tensor {self._next}: got {array.dtype}{list(array.shape)}, "
+        f"expected {want[1]}{list(want[0])}"
+      )
     # A uint8 view shares the buffer: the record is written straight from it, no copy.
-    self._zip.add(f"{self._prefix}data/{placeholder.storage.key}",
-                  np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    self._zip.add(
+      f"{self._prefix}data/{placeholder.storage.key}",
+      np.ascontiguousarray(array).reshape(-1).view(np.uint8),
+    )
     self._next += 1
 
   def close(self) -> None:
@@ -509,8 +583,9 @@ class TorchZipWriter:
       self._zip.abandon()
       raise CheckpointError(f"wrote {self._next} of {len(self.order)} tensors")
     self._zip.add(self._prefix + "version", _FILE_FORMAT_VERSION)
-    self._zip.add(self._prefix + ".data/serialization_id",
-                  str(uuid.uuid4().int).zfill(40)[:40].encode())
+    self._zip.add(
+      self._prefix + ".data/serialization_id", str(uuid.uuid4().int).zfill(40)[:40].encode()
+    )
     self._zip.close()
 
   def abandon(self) -> None:

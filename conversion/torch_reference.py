@@ -5,6 +5,7 @@ and the sampler benchmark's PyTorch baseline. Its `state_dict()` keys are the re
 prefixed by `language_model.` (see conversion/table.py), so a released checkpoint's tensors load
 with `load_released()`.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from geex_jax.model import CodeGeeXConfig
+from geex_jax.model.codegeex import CodeGeeXConfig
 
 
 def fast_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +23,6 @@ def fast_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-
   def __init__(self, c: CodeGeeXConfig):
     super().__init__()
     d = c.hidden_size
@@ -50,7 +50,6 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
   def __init__(self, c: CodeGeeXConfig):
     super().__init__()
     self.dense_h_to_4h = nn.Linear(c.hidden_size, c.ffn_size)
@@ -61,7 +60,6 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-
   def __init__(self, c: CodeGeeXConfig):
     super().__init__()
     self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_eps)
@@ -78,7 +76,6 @@ class Layer(nn.Module):
 
 
 class Embedding(nn.Module):
-
   def __init__(self, c: CodeGeeXConfig):
     super().__init__()
     self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
@@ -86,14 +83,12 @@ class Embedding(nn.Module):
 
 
 class TopQueryEmbedding(nn.Module):
-
   def __init__(self, c: CodeGeeXConfig):
     super().__init__()
     self.top_query_embeddings = nn.Embedding(c.max_position, c.hidden_size)
 
 
 class Transformer(nn.Module):
-
   def __init__(self, c: CodeGeeXConfig):
     super().__init__()
     self.layers = nn.ModuleList([Layer(c) for _ in range(c.num_layers)])
@@ -102,7 +97,6 @@ class Transformer(nn.Module):
 
 
 class LanguageModel(nn.Module):
-
   def __init__(self, c: CodeGeeXConfig):
     super().__init__()
     self.embedding = Embedding(c)
@@ -135,25 +129,29 @@ class CodeGeeXTorch(nn.Module):
     h = lm.transformer.final_layernorm(h.float()).to(h.dtype)
     top_q = lm.topQueryEmbedding.top_query_embeddings(positions)
     h, present = lm.transformer.topQueryLayer(
-        h, query=top_q, past=None if past is None else past[len(layers)])
+      h, query=top_q, past=None if past is None else past[len(layers)]
+    )
     presents.append(present)
     logits = torch.matmul(h, lm.embedding.word_embeddings.weight.t())
     return logits.float(), presents
 
   def released_state_dict(self) -> dict:
     """{released name: tensor} (the keys of conversion/table.py)."""
-    return {k[len("language_model."):]: v for k, v in self.state_dict().items()}
+    return {k[len("language_model.") :]: v for k, v in self.state_dict().items()}
 
   def load_released(self, flat: dict, strict: bool = True):
     """Loads {released name: tensor}."""
-    return self.load_state_dict({f"language_model.{k}": v for k, v in flat.items()},
-                                strict=strict)
+    return self.load_state_dict({f"language_model.{k}": v for k, v in flat.items()}, strict=strict)
 
 
 @torch.no_grad()
-def greedy_generate(model: CodeGeeXTorch, tokens: torch.Tensor, max_new_tokens: int,
-                    eos_id: Optional[int] = None,
-                    vocab_limit: Optional[int] = None) -> torch.Tensor:
+def greedy_generate(
+  model: CodeGeeXTorch,
+  tokens: torch.Tensor,
+  max_new_tokens: int,
+  eos_id: Optional[int] = None,
+  vocab_limit: Optional[int] = None,
+) -> torch.Tensor:
   """A plain KV-cache greedy loop (the sampler's reference and benchmark baseline).
 
   tokens: [b, t] -> new tokens [b, max_new_tokens] (rows that emitted EOS keep emitting it).

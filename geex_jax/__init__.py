@@ -1,2 +1,3 @@
 """geex-jax: CodeGeeX in JAX/Flax."""
+
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@
    where bwrap is missing);
 then prints where every artifact is and the next commands to try.
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":
@@ -22,6 +23,7 @@ if __name__ == "__main__":
   # configurables belong to (defining them in __main__ as well would make them ambiguous).
   import sys
   from geex_jax import demo
+
   sys.exit(demo.main())
 
 import os
@@ -29,26 +31,26 @@ import os
 # Before anything imports TensorFlow or JAX: start-up chatter a user cannot act on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import sysconfig  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Optional, Sequence  # noqa: E402
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from typing import Any, Optional, Sequence
 
-import gin  # noqa: E402
-import numpy as np  # noqa: E402
+import gin
+import numpy as np
 
-from geex_jax.errors import ConfigError, GeexError  # noqa: E402
+from geex_jax.errors import ConfigError, GeexError
 
 PROG = "geex-demo"
 PROMPT = "def fibonacci(n):\n"
@@ -64,12 +66,16 @@ class DemoError(GeexError):
 
 
 @gin.configurable("demo")
-def demo_settings(heldout_bytes: int = 96 << 10, eval_problems: int = 3,
-                  eval_max_new_tokens: int = 128) -> dict:
+def demo_settings(
+  heldout_bytes: int = 96 << 10, eval_problems: int = 3, eval_max_new_tokens: int = 128
+) -> dict:
   """heldout_bytes: size of the held-out set (standard-library modules not in the corpus);
   eval_problems: HumanEval-X problems sampled and scored; eval_max_new_tokens: their budget."""
-  return {"heldout_bytes": heldout_bytes, "eval_problems": eval_problems,
-          "eval_max_new_tokens": eval_max_new_tokens}
+  return {
+    "heldout_bytes": heldout_bytes,
+    "eval_problems": eval_problems,
+    "eval_max_new_tokens": eval_max_new_tokens,
+  }
 
 
 class RandomWindows:
@@ -87,23 +93,37 @@ class RandomWindows:
   the state is the batch counter and any split of the rows over hosts sees the same batch.
   """
 
-  def __init__(self, *, batch_size: int, sequence_length: int, seed: int, shard_index: int,
-               num_shards: int, corpus_dir: str, tokenizer_dir: Optional[str],
-               languages: Optional[Sequence[str]]):
+  def __init__(
+    self,
+    *,
+    batch_size: int,
+    sequence_length: int,
+    seed: int,
+    shard_index: int,
+    num_shards: int,
+    corpus_dir: str,
+    tokenizer_dir: Optional[str],
+    languages: Optional[Sequence[str]],
+  ):
     from geex_jax.data import catalog, pipeline
     from geex_jax.data.corpus import load_manifest
     from geex_jax.tokenizer import load_tokenizer
+
     if batch_size % num_shards:
       raise ConfigError(f"batch size {batch_size} is not divisible by {num_shards} data shards")
     rates = _only(languages, load_manifest(corpus_dir)["languages"]) if languages else None
-    spec = catalog.get(pipeline.register_corpus_tasks(
-        corpus_dir, tokenizer_dir=tokenizer_dir, rates=rates, name="demo", seqio_tasks=False))
+    spec = catalog.get(
+      pipeline.register_corpus_tasks(
+        corpus_dir, tokenizer_dir=tokenizer_dir, rates=rates, name="demo", seqio_tasks=False
+      )
+    )
     tokenizer = load_tokenizer(tokenizer_dir)
     self._eos = tokenizer.eos_id
     self._streams = []
     for task in spec.tasks:
-      docs = pipeline.DocumentStream(catalog.MixtureSpec(task.name, (task,), (1.0,)), tokenizer,
-                                     seed=seed, num_epochs=1)
+      docs = pipeline.DocumentStream(
+        catalog.MixtureSpec(task.name, (task,), (1.0,)), tokenizer, seed=seed, num_epochs=1
+      )
       self._streams.append(np.concatenate([ids for _, _, _, ids in docs]))
     self._cum_rates = np.cumsum(np.asarray(spec.rates) / sum(spec.rates))
     rows = batch_size // num_shards
@@ -111,15 +131,17 @@ class RandomWindows:
     self._length, self._seed, self._step = sequence_length, seed, 0
 
   def _row(self, r: int) -> dict:
-    from geex_jax.batches import pack_stream
+    from geex_jax.data.batches import pack_stream
+
     rng = np.random.default_rng([self._seed, self._step, r])
-    task = min(int(np.searchsorted(self._cum_rates, rng.random(), side="right")),
-               len(self._streams) - 1)
+    task = min(
+      int(np.searchsorted(self._cum_rates, rng.random(), side="right")), len(self._streams) - 1
+    )
     stream = self._streams[task]
     if len(stream) <= self._length:  # a tiny corpus: repeat it
       stream = np.resize(stream, self._length + 1)
     start = int(rng.integers(0, len(stream) - self._length))
-    return pack_stream(stream[start:start + self._length + 1], self._eos)
+    return pack_stream(stream[start : start + self._length + 1], self._eos)
 
   def __iter__(self):
     return self
@@ -139,26 +161,42 @@ class RandomWindows:
 def _only(languages: Sequence[str], corpus_languages) -> dict:
   """Mixture overrides that keep `languages` (at their paper shares) and drop the others."""
   from geex_jax import languages as langs
+
   try:
     wanted = {langs.get(n).name for n in languages}
   except langs.UnknownLanguageError as e:
     raise ConfigError(f"random_windows.languages: {e}") from None
   if not wanted & set(corpus_languages):
-    raise ConfigError(f"the corpus holds none of {sorted(wanted)} "
-                      f"(it has {', '.join(sorted(corpus_languages))})")
+    raise ConfigError(
+      f"the corpus holds none of {sorted(wanted)} (it has {', '.join(sorted(corpus_languages))})"
+    )
   return {n: 0.0 for n in corpus_languages if n not in wanted}
 
 
 @gin.configurable
-def random_windows(*, batch_size: int, sequence_length: int, seed: int, shard_index: int = 0,
-                   num_shards: int = 1, corpus_dir: str = gin.REQUIRED,
-                   tokenizer_dir: Optional[str] = None,
-                   languages: Optional[Sequence[str]] = None) -> RandomWindows:
+def random_windows(
+  *,
+  batch_size: int,
+  sequence_length: int,
+  seed: int,
+  shard_index: int = 0,
+  num_shards: int = 1,
+  corpus_dir: str = gin.REQUIRED,
+  tokenizer_dir: Optional[str] = None,
+  languages: Optional[Sequence[str]] = None,
+) -> RandomWindows:
   """A batch source for `train.data_source` (see RandomWindows). `languages`: train on these
   corpus languages only (None: every language, at the rates of `language_rates`)."""
-  return RandomWindows(batch_size=batch_size, sequence_length=sequence_length, seed=seed,
-                       shard_index=shard_index, num_shards=num_shards, corpus_dir=corpus_dir,
-                       tokenizer_dir=tokenizer_dir, languages=languages)
+  return RandomWindows(
+    batch_size=batch_size,
+    sequence_length=sequence_length,
+    seed=seed,
+    shard_index=shard_index,
+    num_shards=num_shards,
+    corpus_dir=corpus_dir,
+    tokenizer_dir=tokenizer_dir,
+    languages=languages,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +223,7 @@ def _quiet_logs() -> None:
   import logging
   import warnings
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax: "Metadata file does not exist", ...
   logging.getLogger("absl").setLevel(logging.ERROR)
   for name in ("jax", "orbax", "tensorflow"):
@@ -204,38 +243,55 @@ def _subprocess_env() -> dict:
 
 def _parse(argv):
   parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "geex-jax-demo"),
-                      help="every artifact goes here (default: %(default)s)")
-  parser.add_argument("--tokenizer_dir", default=None,
-                      help="the CodeGeeX tokenizer files (vocab.json, merges.txt); default bytes")
-  parser.add_argument("--steps", type=int, default=None, help="training steps (demo.gin's "
-                      "TRAIN_STEPS by default)")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue the run in WORKDIR/run instead of starting afresh")
+  parser.add_argument(
+    "--workdir",
+    default=os.path.join(tempfile.gettempdir(), "geex-jax-demo"),
+    help="every artifact goes here (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--tokenizer_dir",
+    default=None,
+    help="the CodeGeeX tokenizer files (vocab.json, merges.txt); default bytes",
+  )
+  parser.add_argument(
+    "--steps", type=int, default=None, help="training steps (demo.gin's TRAIN_STEPS by default)"
+  )
+  parser.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the run in WORKDIR/run instead of starting afresh",
+  )
   parser.add_argument("--prompt", default=PROMPT)
-  parser.add_argument("--temperature", type=float, default=0.0,
-                      help="sampling temperature of the completion (0: greedy, the default)")
+  parser.add_argument(
+    "--temperature",
+    type=float,
+    default=0.0,
+    help="sampling temperature of the completion (0: greedy, the default)",
+  )
   parser.add_argument("--max_new_tokens", type=int, default=256)
-  parser.add_argument("--humaneval_x", default=None,
-                      help="HumanEval-X directory (humaneval_python.jsonl.gz); default "
-                      "$GEEX_SHARED/humaneval_x when present, else tiny problems of its own")
+  parser.add_argument(
+    "--humaneval_x",
+    default=None,
+    help="HumanEval-X directory (humaneval_python.jsonl.gz); default "
+    "$GEEX_SHARED/humaneval_x when present, else tiny problems of its own",
+  )
   args, rest = parser.parse_known_args(argv)
   bindings = []
   for arg in rest:
     if not arg.startswith("--gin.") or "=" not in arg:
       parser.error(f"unrecognized argument {arg} (extra gin bindings: --gin.KEY=VALUE)")
-    key, _, value = arg[len("--gin."):].partition("=")
+    key, _, value = arg[len("--gin.") :].partition("=")
     bindings.append(f"{key} = {value}")
   return args, bindings
 
 
 @dataclasses.dataclass
 class DemoResult:
-  train: Any                     # geex_jax.train.TrainResult
-  heldout_loss: float            # nats per token of the final params on the held-out set
-  completion: str                # the sampled completion of --prompt
-  paths: dict                    # artifact name -> path
-  eval_skipped: Optional[str]    # why the programs were not run (no sandbox), or None
+  train: Any  # geex_jax.training.train.TrainResult
+  heldout_loss: float  # nats per token of the final params on the held-out set
+  completion: str  # the sampled completion of --prompt
+  paths: dict  # artifact name -> path
+  eval_skipped: Optional[str]  # why the programs were not run (no sandbox), or None
 
 
 def _stage(i: int, text: str) -> None:
@@ -261,6 +317,7 @@ def build_heldout(corpus_dir: pathlib.Path, out: pathlib.Path, max_bytes: int) -
   from geex_jax.data.corpus import build_corpus, load_manifest
   from geex_jax.data.records import RecordReader
   from geex_jax.errors import InputError
+
   info = load_manifest(str(corpus_dir))["languages"].get("Python")
   seen = set()
   if info:
@@ -268,33 +325,53 @@ def build_heldout(corpus_dir: pathlib.Path, out: pathlib.Path, max_bytes: int) -
     seen = {hashlib.sha256(reader[i]).digest() for i in range(len(reader))}
     reader.close()
   stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  files = [str(p) for p in sorted(stdlib.glob("*.py"), reverse=True)
-           if p.stat().st_size < 24_000 and hashlib.sha256(p.read_bytes()).digest() not in seen]
+  files = [
+    str(p)
+    for p in sorted(stdlib.glob("*.py"), reverse=True)
+    if p.stat().st_size < 24_000 and hashlib.sha256(p.read_bytes()).digest() not in seen
+  ]
   if not files:
     raise DemoError(f"no standard-library modules in {stdlib} for a held-out set")
   try:
-    return build_corpus(files, str(out), languages=["python"], max_bytes_per_language=max_bytes,
-                        progress=False)
+    return build_corpus(
+      files, str(out), languages=["python"], max_bytes_per_language=max_bytes, progress=False
+    )
   except InputError:  # built before from other files (another Python, another corpus)
     shutil.rmtree(out)
-    return build_corpus(files, str(out), languages=["python"], max_bytes_per_language=max_bytes,
-                        progress=False)
+    return build_corpus(
+      files, str(out), languages=["python"], max_bytes_per_language=max_bytes, progress=False
+    )
 
 
-def heldout_loss(model_dir: pathlib.Path, heldout_dir: pathlib.Path, tokenizer_dir: Optional[str],
-                 sequence_length: int, batch_size: int) -> tuple[float, int]:
+def heldout_loss(
+  model_dir: pathlib.Path,
+  heldout_dir: pathlib.Path,
+  tokenizer_dir: Optional[str],
+  sequence_length: int,
+  batch_size: int,
+) -> tuple[float, int]:
   """(mean loss in nats per token, tokens) of the latest params over every held-out document."""
   import jax
-  from geex_jax import checkpoints
-  from geex_jax import train as train_lib
+  from geex_jax.model import checkpoints
+  from geex_jax.training import train as train_lib
   from geex_jax.data import pipeline
+
   config, params = checkpoints.load_params(model_dir)
   config = config.replace(dropout_rate=0.0)
-  name = pipeline.register_corpus_tasks(str(heldout_dir), tokenizer_dir=tokenizer_dir,
-                                        rates={"python": 1.0}, name="demo_heldout",
-                                        seqio_tasks=False)
-  batches = pipeline.make_batch_iterator(mixture_or_task=name, sequence_length=sequence_length,
-                                         batch_size=batch_size, seed=0, num_epochs=1)
+  name = pipeline.register_corpus_tasks(
+    str(heldout_dir),
+    tokenizer_dir=tokenizer_dir,
+    rates={"python": 1.0},
+    name="demo_heldout",
+    seqio_tasks=False,
+  )
+  batches = pipeline.make_batch_iterator(
+    mixture_or_task=name,
+    sequence_length=sequence_length,
+    batch_size=batch_size,
+    seed=0,
+    num_epochs=1,
+  )
   loss_sum = jax.jit(lambda p, b: train_lib.loss_fn(p, b, config, None, 1.0)[1])
   total, weight = 0.0, 0.0
   for batch in batches:  # fixed shapes (the last batch is zero-padded): one compile
@@ -305,17 +382,26 @@ def heldout_loss(model_dir: pathlib.Path, heldout_dir: pathlib.Path, tokenizer_d
 
 # Written when no HumanEval-X data is around: the dataset's Python fields, three easy problems.
 OWN_PROBLEMS = [
-    ("add", "def add(a, b):\n    \"\"\"Return the sum of a and b.\n    >>> add(2, 3)\n    5\n"
-     "    \"\"\"\n", "    return a + b\n",
-     ["candidate(2, 3) == 5", "candidate(-1, 1) == 0", "candidate(10, 32) == 42"]),
-    ("is_even", "def is_even(n):\n    \"\"\"Return True if n is even, else False.\n"
-     "    >>> is_even(4)\n    True\n    \"\"\"\n", "    return n % 2 == 0\n",
-     ["candidate(4) is True", "candidate(7) is False", "candidate(0) is True"]),
-    ("reverse_words", "def reverse_words(text):\n    \"\"\"Return the words of text in reverse "
-     "order, joined by single spaces.\n    >>> reverse_words('a b c')\n    'c b a'\n    \"\"\"\n",
-     "    return ' '.join(reversed(text.split()))\n",
-     ["candidate('a b c') == 'c b a'", "candidate('hello') == 'hello'",
-      "candidate('') == ''"]),
+  (
+    "add",
+    "def add(a, b):\n    \"\"\"Return the sum of a and b.\n    >>> add(2, 3)\n    5\n    \"\"\"\n",
+    "    return a + b\n",
+    ["candidate(2, 3) == 5", "candidate(-1, 1) == 0", "candidate(10, 32) == 42"],
+  ),
+  (
+    "is_even",
+    "def is_even(n):\n    \"\"\"Return True if n is even, else False.\n"
+    "    >>> is_even(4)\n    True\n    \"\"\"\n",
+    "    return n % 2 == 0\n",
+    ["candidate(4) is True", "candidate(7) is False", "candidate(0) is True"],
+  ),
+  (
+    "reverse_words",
+    "def reverse_words(text):\n    \"\"\"Return the words of text in reverse "
+    "order, joined by single spaces.\n    >>> reverse_words('a b c')\n    'c b a'\n    \"\"\"\n",
+    "    return ' '.join(reversed(text.split()))\n",
+    ["candidate('a b c') == 'c b a'", "candidate('hello') == 'hello'", "candidate('') == ''"],
+  ),
 ]
 
 
@@ -324,12 +410,24 @@ def write_own_problems(out: pathlib.Path) -> pathlib.Path:
   out.mkdir(parents=True, exist_ok=True)
   lines = []
   for i, (name, prompt, solution, asserts) in enumerate(OWN_PROBLEMS):
-    test = ("\n\ndef check(candidate):\n" + "".join(f"    assert {a}\n" for a in asserts)
-            + f"\n\ncheck({name})\n")
-    lines.append(json.dumps({
-        "task_id": f"Python/{i}", "prompt": prompt, "canonical_solution": solution,
-        "test": test, "declaration": prompt.split("\n", 1)[0] + "\n", "example_test": "",
-        "entry_point": name}))
+    test = (
+      "\n\ndef check(candidate):\n"
+      + "".join(f"    assert {a}\n" for a in asserts)
+      + f"\n\ncheck({name})\n"
+    )
+    lines.append(
+      json.dumps(
+        {
+          "task_id": f"Python/{i}",
+          "prompt": prompt,
+          "canonical_solution": solution,
+          "test": test,
+          "declaration": prompt.split("\n", 1)[0] + "\n",
+          "example_test": "",
+          "entry_point": name,
+        }
+      )
+    )
   path = out / "humaneval_python.jsonl"
   path.write_text("\n".join(lines) + "\n")
   return out
@@ -346,8 +444,12 @@ def _humaneval_dir(flag: Optional[str]) -> Optional[pathlib.Path]:
 def _cli(display: str, module: str, args: Sequence[str]) -> str:
   """Runs a geex CLI as a subprocess (printing it as the user would type it); returns stdout."""
   _say("$ " + display + " " + " ".join(shlex.quote(str(a)) for a in args))
-  proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
-                        text=True, env=_subprocess_env())
+  proc = subprocess.run(
+    [sys.executable, "-m", module, *map(str, args)],
+    capture_output=True,
+    text=True,
+    env=_subprocess_env(),
+  )
   if proc.returncode != 0:
     tail = "\n".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-8:])
     _say(tail)
@@ -359,14 +461,19 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
   """The demo; returns what it made (see DemoResult)."""
   args, extra = _parse(argv)
   _quiet_logs()
-  from geex_jax import train as train_lib
+  from geex_jax.training import train as train_lib
   from geex_jax.data.corpus import build_embedded_corpus
 
   work = pathlib.Path(args.workdir).absolute()
-  paths = {"corpus": work / "corpus", "held-out set": work / "heldout", "run": work / "run",
-           "PyTorch file": work / "torch" / "codegeex_demo.pt",
-           "converted back": work / "converted", "samples": work / "samples.jsonl",
-           "evaluation": work / "eval"}
+  paths = {
+    "corpus": work / "corpus",
+    "held-out set": work / "heldout",
+    "run": work / "run",
+    "PyTorch file": work / "torch" / "codegeex_demo.pt",
+    "converted back": work / "converted",
+    "samples": work / "samples.jsonl",
+    "evaluation": work / "eval",
+  }
   corpus, heldout, model_dir = paths["corpus"], paths["held-out set"], paths["run"]
   t0 = time.time()
 
@@ -379,8 +486,7 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
     shutil.rmtree(model_dir)
   bindings = [f"MODEL_DIR = {str(model_dir)!r}", f"CORPUS_DIR = {str(corpus)!r}"]
   if args.tokenizer_dir:
-    bindings += [f"TOKENIZER_DIR = {os.path.abspath(args.tokenizer_dir)!r}",
-                 "VOCAB_SIZE = 52224"]
+    bindings += [f"TOKENIZER_DIR = {os.path.abspath(args.tokenizer_dir)!r}", "VOCAB_SIZE = 52224"]
   if args.steps:
     bindings.append(f"TRAIN_STEPS = {args.steps}")
   train_lib.parse_gin(["demo.gin"], bindings + extra)
@@ -388,44 +494,57 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
   with _quiet_fd2():
     held = build_heldout(corpus, heldout, settings["heldout_bytes"])["languages"]["Python"]
   python = langs.get("Python", {"documents": 0, "bytes": 0})
-  _say(f"{sum(v['documents'] for v in langs.values())} files in {len(langs)} languages "
-       f"({_kb(sum(v['bytes'] for v in langs.values()))}), Python {python['documents']} files "
-       f"({_kb(python['bytes'])})")
-  _say(f"held-out set: {held['documents']} standard-library modules the corpus does not hold "
-       f"({_kb(held['bytes'])}) in {heldout} ({time.time() - t0:.0f}s)")
+  _say(
+    f"{sum(v['documents'] for v in langs.values())} files in {len(langs)} languages "
+    f"({_kb(sum(v['bytes'] for v in langs.values()))}), Python {python['documents']} files "
+    f"({_kb(python['bytes'])})"
+  )
+  _say(
+    f"held-out set: {held['documents']} standard-library modules the corpus does not hold "
+    f"({_kb(held['bytes'])}) in {heldout} ({time.time() - t0:.0f}s)"
+  )
 
   # 2. Training + held-out loss.
   config = gin.get_configurable("CodeGeeXConfig")()  # what train() will build
   seq, batch = gin.query_parameter("%SEQUENCE_LENGTH"), gin.query_parameter("%BATCH_SIZE")
-  _stage(2, f"training a {config.num_params() / 1e6:.1f}M-parameter model (hidden "
-            f"{config.hidden_size}, {config.num_layers}+1 layers, "
-            f"{'CodeGeeX BPE' if args.tokenizer_dir else 'byte'} tokens) in {model_dir} ...")
+  _stage(
+    2,
+    f"training a {config.num_params() / 1e6:.1f}M-parameter model (hidden "
+    f"{config.hidden_size}, {config.num_layers}+1 layers, "
+    f"{'CodeGeeX BPE' if args.tokenizer_dir else 'byte'} tokens) in {model_dir} ...",
+  )
   t1 = time.time()
   result = train_lib.train()
   if result.losses:
     first, last = result.losses[min(result.losses)], _mean_last(result.losses, 20)
-    _say(f"{result.step} steps of {batch}x{seq} tokens in {time.time() - t1:.0f}s: training "
-         f"loss {first:.2f} -> {last:.2f}; checkpoint saved")
+    _say(
+      f"{result.step} steps of {batch}x{seq} tokens in {time.time() - t1:.0f}s: training "
+      f"loss {first:.2f} -> {last:.2f}; checkpoint saved"
+    )
   else:
     _say(f"nothing to train: {model_dir} is already at step {result.step}")
   t2 = time.time()
   loss, tokens = heldout_loss(model_dir, heldout, args.tokenizer_dir, seq, batch)
   unit = "token" if args.tokenizer_dir else "byte"
-  _say(f"held-out loss {loss:.3f} nats/{unit} ({loss / math.log(2):.2f} bits, perplexity "
-       f"{math.exp(loss):.2f}) on {tokens} {unit}s the training never saw "
-       f"({time.time() - t2:.0f}s)")
+  _say(
+    f"held-out loss {loss:.3f} nats/{unit} ({loss / math.log(2):.2f} bits, perplexity "
+    f"{math.exp(loss):.2f}) on {tokens} {unit}s the training never saw "
+    f"({time.time() - t2:.0f}s)"
+  )
 
   # 3. A completion.
   mode = "greedy" if args.temperature <= 0 else f"temperature {args.temperature}"
   _stage(3, f"sampling a completion ({mode}) from the checkpoint ...")
-  from geex_jax.sampling import Sampler
+  from geex_jax.inference.sampler import Sampler
+
   t3 = time.time()
   sampler = Sampler.load(str(model_dir), args.tokenizer_dir)
-  sampling = ({"greedy": True} if args.temperature <= 0
-              else {"temperature": args.temperature, "top_p": 0.95})
+  sampling = (
+    {"greedy": True} if args.temperature <= 0 else {"temperature": args.temperature, "top_p": 0.95}
+  )
   completion = sampler.complete_detailed(
-      [args.prompt], max_new_tokens=args.max_new_tokens, language="Python", seed=0,
-      **sampling)[0][0]
+    [args.prompt], max_new_tokens=args.max_new_tokens, language="Python", seed=0, **sampling
+  )[0][0]
   print("----- prompt + completion " + "-" * 40)
   print(args.prompt + completion.text)
   print("-" * 66)
@@ -436,12 +555,28 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
   t4 = time.time()
   torch_file, back = paths["PyTorch file"], paths["converted back"]
   torch_file.parent.mkdir(parents=True, exist_ok=True)
-  out = _cli("geex-convert", "conversion.cli",
-             ["jax-to-torch", model_dir, torch_file, "--overwrite", "--no-progress"])
+  out = _cli(
+    "geex-convert",
+    "geex_jax.conversion.cli",
+    ["jax-to-torch", model_dir, torch_file, "--overwrite", "--no-progress"],
+  )
   _say(out.strip())
-  out = _cli("geex-convert", "conversion.cli",
-             ["torch-to-jax", torch_file, back, "--dtype", "fp32", "--num-heads",
-              config.num_heads, "--verify", "--overwrite", "--no-progress"])
+  out = _cli(
+    "geex-convert",
+    "geex_jax.conversion.cli",
+    [
+      "torch-to-jax",
+      torch_file,
+      back,
+      "--dtype",
+      "fp32",
+      "--num-heads",
+      config.num_heads,
+      "--verify",
+      "--overwrite",
+      "--no-progress",
+    ],
+  )
   _say(out.strip() + f"\n({time.time() - t4:.0f}s)")
 
   # 5. HumanEval-X-style evaluation of its own samples.
@@ -461,56 +596,79 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
 
 def _evaluate(args, sampler, settings: dict, paths: dict) -> Optional[str]:
   from geex_jax.humaneval_x import problems as problems_lib
+
   data = _humaneval_dir(args.humaneval_x)
   n = settings["eval_problems"]
   if data is None:
     data = write_own_problems(paths["evaluation"].parent / "humaneval_x")
     probs = list(problems_lib.load_language(data, "python").values())
-    _say(f"no HumanEval-X data here (--humaneval_x DIR or $GEEX_SHARED/humaneval_x): "
-         f"{len(probs)} tiny problems of its own in {data}")
+    _say(
+      f"no HumanEval-X data here (--humaneval_x DIR or $GEEX_SHARED/humaneval_x): "
+      f"{len(probs)} tiny problems of its own in {data}"
+    )
   else:
     probs = list(problems_lib.load_language(data, "python").values())
     # The shortest prompts: the model was trained on short rows.
     probs = sorted(probs, key=lambda p: len(p.prompt))[:n]
     _say(f"the {len(probs)} shortest-prompt problems of {data}")
   paths["problems"] = data
-  texts = sampler.complete([problems_lib.problem_text(p) for p in probs], n=1, greedy=True,
-                           max_new_tokens=settings["eval_max_new_tokens"], language="Python")
+  texts = sampler.complete(
+    [problems_lib.problem_text(p) for p in probs],
+    n=1,
+    greedy=True,
+    max_new_tokens=settings["eval_max_new_tokens"],
+    language="Python",
+  )
   samples = paths["samples"]
-  samples.write_text("".join(json.dumps({"task_id": p.task_id, "generation": t[0]}) + "\n"
-                             for p, t in zip(probs, texts)))
+  samples.write_text(
+    "".join(
+      json.dumps({"task_id": p.task_id, "generation": t[0]}) + "\n" for p, t in zip(probs, texts)
+    )
+  )
   ev = paths["evaluation"]
-  out = _cli("geex-eval", "geex_jax.humaneval_x.cli",
-             ["execute", "--samples", samples, "--data", data, "--out", ev, "--quiet",
-              "--no-cache"])
+  out = _cli(
+    "geex-eval",
+    "geex_jax.humaneval_x.cli",
+    ["execute", "--samples", samples, "--data", data, "--out", ev, "--quiet", "--no-cache"],
+  )
   summary = json.loads((ev / "summary.json").read_text())
   skipped = summary.get("languages", {}).get("python", {}).get("skipped")
   out = _cli("geex-eval", "geex_jax.humaneval_x.cli", ["report", ev])
   _say(out.strip())
   if skipped:
-    _say(f"note: the programs were not run: {skipped}. Install bubblewrap (Debian: apt-get "
-         "install bubblewrap) to run them; the rest of the loop is unaffected.")
+    _say(
+      f"note: the programs were not run: {skipped}. Install bubblewrap (Debian: apt-get "
+      "install bubblewrap) to run them; the rest of the loop is unaffected."
+    )
   return skipped
 
 
 def _next_steps(args, paths: dict, config) -> None:
-  q = lambda p: shlex.quote(str(p))  # noqa: E731
+  q = lambda p: shlex.quote(str(p))
   tok = q(os.path.abspath(args.tokenizer_dir)) if args.tokenizer_dir else "bytes"
   work, run_dir = paths["run"].parent, q(paths["run"])
   real = _humaneval_dir(args.humaneval_x)
   data = q(real) if real else "HUMANEVAL_X_DIR"
   print("next:")
-  print(f"  geex-sample --checkpoint {run_dir} --tokenizer {tok} --language python "
-        "--prompt $'def read_lines(path):\\n' --temperature 0.6 --max_new_tokens 300")
-  print(f"  geex-train --gin_file=demo.gin --gin.MODEL_DIR=\"'{work}/run-bigger'\" "
-        f"--gin.CORPUS_DIR=\"'{paths['corpus']}'\" --gin.HIDDEN_SIZE=256 --gin.NUM_HEADS=4 "
-        "--gin.FFN_SIZE=1024 --gin.NUM_LAYERS=6 --gin.TRAIN_STEPS=20000")
+  print(
+    f"  geex-sample --checkpoint {run_dir} --tokenizer {tok} --language python "
+    "--prompt $'def read_lines(path):\\n' --temperature 0.6 --max_new_tokens 300"
+  )
+  print(
+    f"  geex-train --gin_file=demo.gin --gin.MODEL_DIR=\"'{work}/run-bigger'\" "
+    f"--gin.CORPUS_DIR=\"'{paths['corpus']}'\" --gin.HIDDEN_SIZE=256 --gin.NUM_HEADS=4 "
+    "--gin.FFN_SIZE=1024 --gin.NUM_LAYERS=6 --gin.TRAIN_STEPS=20000"
+  )
   if not real:
     print("  # HUMANEVAL_X_DIR: the humaneval_*.jsonl.gz files of HumanEval-X (THUDM/CodeGeeX)")
-  print(f"  geex-eval generate --data {data} --checkpoint {run_dir} --tokenizer {tok} "
-        f"--languages python --n 1 --max-new-tokens 256 --out {q(work / 'he_samples.jsonl')}")
-  print(f"  geex-eval execute --samples {q(work / 'he_samples.jsonl')} --data {data} "
-        f"--out {q(work / 'he_eval')}")
+  print(
+    f"  geex-eval generate --data {data} --checkpoint {run_dir} --tokenizer {tok} "
+    f"--languages python --n 1 --max-new-tokens 256 --out {q(work / 'he_samples.jsonl')}"
+  )
+  print(
+    f"  geex-eval execute --samples {q(work / 'he_samples.jsonl')} --data {data} "
+    f"--out {q(work / 'he_eval')}"
+  )
 
 
 def _mean_last(losses: dict, n: int) -> float:
@@ -520,6 +678,7 @@ def _mean_last(losses: dict, n: int) -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   from geex_jax.errors import cli_errors
+
   with cli_errors(PROG):
     run(argv)
   return 0

@@ -1,4 +1,5 @@
 """Typed user-facing errors and the one way CLIs report them."""
+
 from __future__ import annotations
 
 import contextlib

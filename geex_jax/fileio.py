@@ -13,6 +13,7 @@ e.g. in tests) the gs:// filesystem is set up for it: anonymous, plain HTTP (see
 `_use_emulator`). TensorStore is pointed at the same emulator by `TENSORSTORE_GCS_HTTP_URL` and
 `GOOGLE_AUTH_TOKEN_FOR_TESTING`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,9 @@ import re
 import shutil
 import tempfile
 import threading
+import uuid
 import zlib
-from typing import Any, Iterator, Union
+from typing import IO, Any, Callable, Iterator, Optional, Union
 
 from geex_jax.errors import InputError
 
@@ -48,13 +50,15 @@ def as_path(path: PathLike):
   the absolute local path. Raises InputError for a URL scheme epath cannot serve (http://,
   file://, ...), which would otherwise become a local folder."""
   from etils import epath
+
   text = os.fspath(path)
   match = _URL.match(text)
   if match is None:
     return epath.Path(os.path.abspath(text))
   if match.group(1).lower() not in _SCHEMES:
-    raise InputError(f"{text}: unsupported URL scheme {match.group(1)}:// (use a local path or "
-                     "gs://bucket/...)")
+    raise InputError(
+      f"{text}: unsupported URL scheme {match.group(1)}:// (use a local path or gs://bucket/...)"
+    )
   _use_emulator()
   return epath.Path(text)
 
@@ -92,6 +96,7 @@ def _use_emulator() -> None:
       fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
     try:  # a filesystem epath built before this point is built again, set up as above
       from etils.epath import backend
+
       backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
     except (ImportError, AttributeError):
       pass
@@ -107,29 +112,66 @@ def fsync_path(path: PathLike) -> None:
     os.close(fd)
 
 
-def write_atomic(path: PathLike, text: str, *, fsync: bool = False) -> None:
-  """Writes a whole file or nothing: a temp file in the same directory, then a rename.
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, fsync: bool = False, suffix: str = "") -> Iterator[str]:
+  """Yields a local temp path to write `path` through (for writers that need a path, e.g.
+  tf.io.TFRecordWriter, g++ -o); puts what is there in place as `path` on success, removes it on
+  an exception. A block that leaves no file at the temp path leaves `path` as it was.
 
-  fsync: flush to disk before the rename (state files that must survive a crash). A gs:// object
-  is written in one upload, which is whole or nothing by itself.
+  Local `path`: a hidden temp file in the same directory (not created yet), then os.replace;
+  missing parent directories are created. gs:// `path`: a file in a local temporary directory,
+  uploaded whole at the end (a gs:// object is written in one upload, whole or nothing by itself).
+  fsync: flush the file to disk before the rename (state that must survive a crash). suffix:
+  appended to the temp name, for a writer that goes by the file name (e.g. ".png").
   """
   if is_url(path):
-    as_path(path).write_text(text, encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="geex-upload-") as d:
+      tmp = os.path.join(d, (posixpath.basename(os.fspath(path).rstrip("/")) or "file") + suffix)
+      yield tmp
+      if os.path.exists(tmp):
+        copy_file(tmp, path)
     return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  tmp = os.path.join(path.parent, f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    yield tmp
+    if os.path.exists(tmp):
+      if fsync:
+        fsync_path(tmp)
+      os.replace(tmp, path)
+  except BaseException:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_write(
+  path: PathLike, mode: str = "w", *, fsync: bool = False, encoding: str = "utf-8"
+) -> Iterator[IO]:
+  """Writes a whole file or nothing: yields a file object ("w": text in `encoding`, "wb":
+  binary) on a temp file (see `atomic_path`), which replaces `path` when the block ends without
+  an exception; on an exception the temp file is removed, `path` is untouched, and the exception
+  propagates. gs:// paths: written locally, uploaded whole at the end.
+
+  fsync: flush to disk before the rename (state files that must survive a crash).
+  """
+  if mode not in ("w", "wb"):
+    raise ValueError(f"atomic_write: mode must be 'w' or 'wb', not {mode!r}")
+  with atomic_path(path) as tmp:
+    # "x": the temp name is ours alone; created with the umask's permissions, like open(path, "w").
+    with open(tmp, mode.replace("w", "x"), encoding=None if mode == "wb" else encoding) as f:
+      yield f
       if fsync:
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+
+
+def write_atomic(path: PathLike, text: str, *, fsync: bool = False) -> None:
+  """Writes a whole file or nothing (`atomic_write` of one UTF-8 text)."""
+  with atomic_write(path, fsync=fsync) as f:
+    f.write(text)
 
 
 def open_binary(path: PathLike) -> io.BufferedIOBase:
@@ -151,6 +193,7 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
 def _remote_fs(url: PathLike):
   """(fsspec filesystem, bucket/key path without the scheme) of a URL, listings uncached."""
   import fsspec
+
   _use_emulator()
   fs, root = fsspec.core.url_to_fs(os.fspath(url))
   fs.invalidate_cache()
@@ -226,11 +269,18 @@ def remove(path: PathLike) -> None:
     os.unlink(path)
 
 
-def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(
+  path: PathLike,
+  *,
+  skip_invalid: bool = False,
+  error: Optional[Callable[[int, ValueError], Exception]] = None,
+) -> Iterator[tuple[int, Any]]:
   """(line number, parsed value) of every non-blank line of a .jsonl or .jsonl.gz file (local or
   gs://).
 
   Raises InputError (one actionable line) for an unreadable file or a line that is not JSON.
+  skip_invalid: skip a line that is not JSON instead (e.g. torn by a kill). error: builds the
+  exception raised for such a line from (line number, the JSON error), for a caller's own message.
   """
   remote = is_url(path)
   path = as_path(path) if remote else pathlib.Path(path)
@@ -238,8 +288,11 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
     with contextlib.ExitStack() as stack:
       if remote:
         raw = stack.enter_context(path.open("rb"))
-        f = (gzip.open(raw, "rt", encoding="utf-8") if path.suffix == ".gz"
-             else io.TextIOWrapper(raw, encoding="utf-8"))
+        f = (
+          gzip.open(raw, "rt", encoding="utf-8")
+          if path.suffix == ".gz"
+          else io.TextIOWrapper(raw, encoding="utf-8")
+        )
       else:
         f = (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8")
       stack.enter_context(f)
@@ -249,6 +302,10 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
         try:
           yield lineno, json.loads(line)
         except ValueError as e:
-          raise InputError(f"{path}:{lineno}: not JSON: {e}") from None
+          if skip_invalid:
+            continue
+          raise (
+            error(lineno, e) if error else InputError(f"{path}:{lineno}: not JSON: {e}")
+          ) from None
   except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
     raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None

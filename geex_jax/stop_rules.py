@@ -31,7 +31,7 @@ closing the enclosing class (Java's `class Solution`), a `;` in a header, a `{` 
 parentheses, and so on. The cut is then right after the last kept item (or the function).
 
 The rule is the same for every brace language: the sampler batches prompts by rule and steps one
-device automaton per rule (`geex_jax.stop_automata`), built from `_BRACE_DFA` and `brace_step`
+device automaton per rule (`inference.stop_automata`), built from `_BRACE_DFA` and `brace_step`
 below, so the host rule and the device rule agree exactly by construction.
 
 `truncate(language, completion)` cuts only where the rule has decided: text after the function
@@ -41,6 +41,7 @@ evaluator): it also drops that undecided tail. Both are idempotent, and `is_comp
 `truncate(...) != completion`: once the rule has fired, no continuation changes the cut, so a
 sampler may stop generating there.
 """
+
 from __future__ import annotations
 
 import re
@@ -97,7 +98,7 @@ def brace_end(completion: str) -> Optional[int]:
 # maps a run of NON_ASCII to the same state as one, so both see the same automaton).
 
 NON_ASCII = 128
-_OPEN = -1   # not a state: the header is complete and its body opens (brace depth 1)
+_OPEN = -1  # not a state: the header is complete and its body opens (brace depth 1)
 
 
 def _build_dfa() -> tuple[list[list[int]], dict[str, int]]:
@@ -110,15 +111,33 @@ def _build_dfa() -> tuple[list[list[int]], dict[str, int]]:
     names.append(name)
     return ids[name]
 
-  for name in ("FIRED", "BETWEEN", "AFTER_ITEM", "SLASH", "LINE_COMMENT", "BLOCK_COMMENT",
-               "BLOCK_STAR", "HASH", "ATTR_SEP", "SEP1", "SEP1F", "SEP2", "PP0", "PP1", "PP2",
-               "PP3"):
+  for name in (
+    "FIRED",
+    "BETWEEN",
+    "AFTER_ITEM",
+    "SLASH",
+    "LINE_COMMENT",
+    "BLOCK_COMMENT",
+    "BLOCK_STAR",
+    "HASH",
+    "ATTR_SEP",
+    "SEP1",
+    "SEP1F",
+    "SEP2",
+    "PP0",
+    "PP1",
+    "PP2",
+    "PP3",
+  ):
     state(name)
   # Word contexts: first word of a header (W1), later words before its parameter list (W2), words
   # in a Rust attribute (WA). Each tracks a few words letter by letter; "test" stands for the
   # test-name prefixes test/Test; OTHER: any other word; TNAME: a test name (test/Test + [A-Z0-9_]).
-  tracked = {"W1": {"main": "reject", "func": "func"}, "W2": {"main": "reject", "if": "reject"},
-             "WA": {}}
+  tracked = {
+    "W1": {"main": "reject", "func": "func"},
+    "W2": {"main": "reject", "if": "reject"},
+    "WA": {},
+  }
   for ctx, words in tracked.items():
     prefixes = {w[:k] for w in list(words) + ["tests"] for k in range(1, len(w) + 1)}
     for p in sorted(prefixes, key=lambda p: (len(p), p)):
@@ -129,9 +148,9 @@ def _build_dfa() -> tuple[list[list[int]], dict[str, int]]:
   fired = ids["FIRED"]
 
   def is_start(c: int) -> bool:
-    return c < 128 and (chr(c).isalpha() or c in (0x5F, 0x24))   # letters, _ and $
+    return c < 128 and (chr(c).isalpha() or c in (0x5F, 0x24))  # letters, _ and $
 
-  def is_word(c: int) -> bool:   # may continue a word (also digits, non-ASCII, `.` and `::`)
+  def is_word(c: int) -> bool:  # may continue a word (also digits, non-ASCII, `.` and `::`)
     return c == NON_ASCII or is_start(c) or chr(c).isdigit() or c in (0x2E, 0x3A)
 
   def is_space(c: int) -> bool:
@@ -172,7 +191,7 @@ def _build_dfa() -> tuple[list[list[int]], dict[str, int]]:
       if ch == "#":
         return ids["HASH"]
       return word_start("W1", c) if is_start(c) else fired
-    if name == "AFTER_ITEM":   # right after a kept item's `}`: a `;` belongs to the item
+    if name == "AFTER_ITEM":  # right after a kept item's `}`: a `;` belongs to the item
       return ids["BETWEEN"] if ch == ";" else nxt("BETWEEN", c)
     if name == "SLASH":
       return {"/": ids["LINE_COMMENT"], "*": ids["BLOCK_COMMENT"]}.get(ch, fired)
@@ -214,7 +233,7 @@ def _build_dfa() -> tuple[list[list[int]], dict[str, int]]:
     ctx = name.split(":", 1)[0]
     if is_word(c):
       return word_next(ctx, name, c)
-    kind = word_kind(ctx, name)   # the word ends at c
+    kind = word_kind(ctx, name)  # the word ends at c
     if kind == "reject":
       return fired
     if ctx == "WA":
@@ -237,9 +256,9 @@ _BRACES = re.compile(r"[{}]")
 # < 0 is the top-level DFA state q as -1 - q (BRACE_FIRED = -1: the rule has fired).
 BRACE_INITIAL = 0
 BRACE_FIRED = -1 - _FIRED
-_FUNCTION_CLOSED = -1 - _BETWEEN   # right after the function's `}` a `;` is not kept (reference)
+_FUNCTION_CLOSED = -1 - _BETWEEN  # right after the function's `}` a `;` is not kept (reference)
 _ITEM_CLOSED = -1 - _AFTER_ITEM
-_BODY_OPEN = 3                     # phase 1, depth 1
+_BODY_OPEN = 3  # phase 1, depth 1
 
 
 def brace_step(state: int, c: int) -> int:
@@ -277,7 +296,7 @@ def brace_cut(completion: str) -> tuple[Optional[int], bool]:
   cut, state, i, n = end, _FUNCTION_CLOSED, end, len(completion)
   table = _BRACE_DFA
   while i < n:
-    if state > 0:   # inside a kept item's body: only braces matter
+    if state > 0:  # inside a kept item's body: only braces matter
       depth = state >> 1
       for m in _BRACES.finditer(completion, i):
         depth += 1 if m.group() == "{" else -1
@@ -341,8 +360,9 @@ def truncate(language: Union[str, Language], completion: str, finished: bool = F
   return completion if end is None else completion[:end]
 
 
-def undecided_from(language: Union[str, Language], completion: str,
-                   at_line_start: bool = True) -> Optional[int]:
+def undecided_from(
+  language: Union[str, Language], completion: str, at_line_start: bool = True
+) -> Optional[int]:
   """Index from which `truncate(language, completion)` may still shrink as the completion grows,
   or None when no continuation can cut it shorter (for streaming: text before it is final).
 

@@ -8,6 +8,7 @@ before BPE, longest runs first (13 spaces -> the 10-space token, then the 3-spac
 the text at those runs instead of substituting marker strings, so a source file that happens to
 contain the literal text `<|extratoken_12|>` or `<|endoftext|>` still round-trips exactly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,16 +19,17 @@ from typing import Any, Iterable, Optional, Protocol, Sequence
 
 from geex_jax.errors import InputError
 
-EOS_ID = 50256                 # <|endoftext|>: end of document, also the padding id
-VOCAB_SIZE = 50400             # 50257 GPT-2 ids + <|extratoken_1..143|>
-_WS_MIN, _WS_MAX = 2, 10       # space runs that get their own token
-_WS_BASE = 50264               # id of a run of n spaces = _WS_BASE + n
+EOS_ID = 50256  # <|endoftext|>: end of document, also the padding id
+VOCAB_SIZE = 50400  # 50257 GPT-2 ids + <|extratoken_1..143|>
+_WS_MIN, _WS_MAX = 2, 10  # space runs that get their own token
+_WS_BASE = 50264  # id of a run of n spaces = _WS_BASE + n
 _REQUIRED_FILES = ("vocab.json", "merges.txt")
 _SPACE_RUN = re.compile(r" {2,}")
 
 
 class Tokenizer(Protocol):
   """What the rest of the project needs from a tokenizer."""
+
   eos_id: int
   vocab_size: int
 
@@ -50,8 +52,11 @@ def _whitespace_ids(n: int) -> list[int]:
 def _byte_decoder() -> dict[str, int]:
   """GPT-2's printable-character alias of each byte, inverted (char -> byte value)."""
   # Bytes that are printable Latin-1 stand for themselves; the other 68 are shifted to 256+.
-  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
+  keep = [
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("¡"), ord("¬") + 1),
+    *range(ord("®"), ord("ÿ") + 1),
+  ]
   chars, extra = {}, 0
   for b in range(256):
     if b in keep:
@@ -86,8 +91,10 @@ class CodeGeeXTokenizer:
     directory = os.fspath(directory)
     missing = [f for f in _REQUIRED_FILES if not os.path.isfile(os.path.join(directory, f))]
     if missing:
-      raise InputError(f"tokenizer directory {directory!r} lacks {', '.join(missing)} "
-                       "(expected the released CodeGeeX tokenizer files)")
+      raise InputError(
+        f"tokenizer directory {directory!r} lacks {', '.join(missing)} "
+        "(expected the released CodeGeeX tokenizer files)"
+      )
     vocab_path = os.path.join(directory, "vocab.json")
     try:
       bpe = HFTokenizer(models.BPE.from_file(vocab_path, os.path.join(directory, "merges.txt")))
@@ -130,7 +137,7 @@ class CodeGeeXTokenizer:
     start = 0
     carry = ""
     for m in _SPACE_RUN.finditer(text):
-      piece = carry + text[start:m.start()]
+      piece = carry + text[start : m.start()]
       if piece:
         slots.append((len(ids), len(pieces)))
         pieces.append(piece)
@@ -194,6 +201,7 @@ def load_tokenizer(directory: Optional[str | os.PathLike]) -> Tokenizer:
   """CodeGeeXTokenizer from `directory` (local or gs://), or the ByteTokenizer fallback when it is
   None/empty."""
   from geex_jax import fileio
+
   if directory is None or os.fspath(directory) == "":
     return ByteTokenizer()
   if fileio.is_url(directory):
@@ -209,13 +217,16 @@ def _cached_from_url(url: str) -> CodeGeeXTokenizer:
   temporary directory (the `tokenizers` library reads local files only) and loaded from there."""
   import tempfile
   from geex_jax import fileio
+
   remote = fileio.as_path(url)
   if not remote.is_dir():
     raise InputError(f"tokenizer directory {url!r} does not exist")
   missing = [f for f in _REQUIRED_FILES if not (remote / f).is_file()]
   if missing:
-    raise InputError(f"tokenizer directory {url!r} lacks {', '.join(missing)} "
-                     "(expected the released CodeGeeX tokenizer files)")
+    raise InputError(
+      f"tokenizer directory {url!r} lacks {', '.join(missing)} "
+      "(expected the released CodeGeeX tokenizer files)"
+    )
   with tempfile.TemporaryDirectory(prefix="geex-tokenizer-") as local:
     for name in (*_REQUIRED_FILES, "added_tokens.json"):
       if name in _REQUIRED_FILES or (remote / name).is_file():
@@ -239,8 +250,10 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
     return load_tokenizer(tokenizer)
   missing = [a for a in ("encode", "decode", "vocab_size", "eos_id") if not hasattr(tokenizer, a)]
   if missing:
-    raise InputError(f"{type(tokenizer).__name__} is neither a tokenizer directory nor a "
-                     f"tokenizer (it lacks {', '.join(missing)})")
+    raise InputError(
+      f"{type(tokenizer).__name__} is neither a tokenizer directory nor a "
+      f"tokenizer (it lacks {', '.join(missing)})"
+    )
   return tokenizer
 
 

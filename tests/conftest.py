@@ -1,4 +1,5 @@
 """Test setup: 8 simulated CPU devices (sharding tests), TF kept off any GPU, shared data paths."""
+
 import os
 import pathlib
 
@@ -8,7 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import pytest  # noqa: E402
+import pytest
 
 # The tiny reference model, prompts, greedy ids and checkpoint the decode tests share.
 pytest_plugins = ["decode_fixtures"]

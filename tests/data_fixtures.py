@@ -1,4 +1,5 @@
-"""Crafted source files for the data tests (shared by tests/test_data_*.py)."""
+"""Crafted source files for the data tests (shared by tests/data/)."""
+
 import os
 import random
 

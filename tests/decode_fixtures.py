@@ -3,16 +3,18 @@ the same weights as geex-jax params, two ragged prompts, their greedy continuati
 
 Loaded as a plugin by conftest.py, so every test module can use these fixtures.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from conversion import table
-from conversion.torch_reference import CodeGeeXTorch
-from geex_jax import checkpoints, decoding
-from geex_jax import model as M
+from geex_jax.conversion import table
+from geex_jax.conversion.torch_reference import CodeGeeXTorch
+from geex_jax.model import checkpoints
+from geex_jax.inference import decoding
+from geex_jax.model import codegeex as M
 
 NEW = 40  # greedy tokens compared with the reference
 

@@ -1,5 +1,6 @@
 """geex_jax/demo.py: corpus -> train -> held-out loss -> sample -> convert -> evaluate, on a
 few steps of a very small model (the stages, their artifacts and the printed summary)."""
+
 import json
 import math
 
@@ -7,10 +8,17 @@ import gin
 import numpy as np
 import pytest
 
-from geex_jax import checkpoints, demo
+from geex_jax import demo
+from geex_jax.model import checkpoints
 
-SMALL = ["--gin.HIDDEN_SIZE=32", "--gin.NUM_HEADS=2", "--gin.FFN_SIZE=64", "--gin.NUM_LAYERS=1",
-         "--gin.train.progress=False", "--gin.train.tensorboard=False"]
+SMALL = [
+  "--gin.HIDDEN_SIZE=32",
+  "--gin.NUM_HEADS=2",
+  "--gin.FFN_SIZE=64",
+  "--gin.NUM_LAYERS=1",
+  "--gin.train.progress=False",
+  "--gin.train.tensorboard=False",
+]
 
 
 @pytest.mark.slow
@@ -38,9 +46,11 @@ def test_demo_runs_every_stage(tmp_path, capsys, monkeypatch):
   config, params = checkpoints.load_params(tmp_path / "converted")
   assert (config.hidden_size, config.num_heads, config.num_layers) == (32, 2, 1)
   _, trained = checkpoints.load_params(tmp_path / "run")
-  np.testing.assert_allclose(np.asarray(params["word_embeddings"]["embedding"]),
-                             np.asarray(trained["word_embeddings"]["embedding"]),
-                             atol=1e-3)  # via fp16
+  np.testing.assert_allclose(
+    np.asarray(params["word_embeddings"]["embedding"]),
+    np.asarray(trained["word_embeddings"]["embedding"]),
+    atol=1e-3,
+  )  # via fp16
   assert "verify:" in out
   # 5. samples of the three own problems, executed (or skipped without bubblewrap) and reported.
   samples = [json.loads(l) for l in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -59,6 +69,7 @@ def test_demo_runs_every_stage(tmp_path, capsys, monkeypatch):
 
 def test_own_problems_are_humaneval_x_python(tmp_path):
   from geex_jax.humaneval_x import assembly, problems
+
   d = demo.write_own_problems(tmp_path)
   probs = problems.load_language(d, "python")
   assert list(probs) == ["Python/0", "Python/1", "Python/2"]

@@ -1,4 +1,5 @@
 """geex_jax/tokenizer.py: the CodeGeeX tokenizer against the released files, and the fallback."""
+
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ def test_whitespace_runs_map_to_released_extratokens(tok):
   assert tok.encode("    ") == [50268]  # issue's example: 4 spaces -> <|extratoken_12|>
   for n in range(2, 11):
     assert tok.encode(" " * n) == [50264 + n]
-  assert tok.encode(" " * 13) == [50274, 50267]        # longest first: 10 + 3
+  assert tok.encode(" " * 13) == [50274, 50267]  # longest first: 10 + 3
   assert tok.encode(" " * 21) == [50274, 50274, tok.encode(" ")[0]]  # 10 + 10 + a plain space
   assert tok.encode("a" + " " * 11 + "b") == [tok.encode("a")[0], 50274, *tok.encode(" b")]
 
@@ -40,12 +41,29 @@ def test_ids_match_the_released_vocabulary(tok, vocab):
   assert tok.vocab_size == 50400
 
 
-@pytest.mark.parametrize("text", [
-    "", " ", "  ", "\t\t", "\n\n\n", " \n  \n   \n", "x" + " " * 37 + "y", "trailing   ",
-    "   leading", "\t  mixed \t  tabs", "\r\n  crlf\r\n", "\u00a0 nbsp \u3000 ideographic  space",
-    "emoji 🎉  and 中文  注释", "<|endoftext|>", "literal <|extratoken_12|> text",
-    "\x00 control \x1b chars", "a" * 5000, " " * 1001,
-])
+@pytest.mark.parametrize(
+  "text",
+  [
+    "",
+    " ",
+    "  ",
+    "\t\t",
+    "\n\n\n",
+    " \n  \n   \n",
+    "x" + " " * 37 + "y",
+    "trailing   ",
+    "   leading",
+    "\t  mixed \t  tabs",
+    "\r\n  crlf\r\n",
+    "\u00a0 nbsp \u3000 ideographic  space",
+    "emoji 🎉  and 中文  注释",
+    "<|endoftext|>",
+    "literal <|extratoken_12|> text",
+    "\x00 control \x1b chars",
+    "a" * 5000,
+    " " * 1001,
+  ],
+)
 def test_round_trip_edge_cases(tok, text):
   assert tok.decode(tok.encode(text)) == text
 

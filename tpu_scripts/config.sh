@@ -23,10 +23,10 @@ on_all_workers() {  # runs a shell command on every host of the slice, in parall
 
 # Shell code for the workers: defines `training`, which succeeds (and sets $pid) while the trainer
 # that launch.sh started on this host runs. It trusts ~/$PID_FILE only if that pid is alive and
-# still a geex_jax.train process (not a zombie, not a recycled pid). No pgrep: a pattern would also
+# still a geex_jax.training process (not a zombie, not a recycled pid). No pgrep: a pattern would also
 # match the `bash -c` that sshd runs, whose command line holds the whole remote command.
 # shellcheck disable=SC2034  # used by the scripts that source this file
 remote_training_fn="training() {
   pid=\$(cat ~/$PID_FILE 2>/dev/null) && [[ \"\$pid\" =~ ^[0-9]+\$ ]] && kill -0 \"\$pid\" 2>/dev/null &&
-    grep -qaF geex_jax.train \"/proc/\$pid/cmdline\" 2>/dev/null
+    grep -qaF geex_jax.training \"/proc/\$pid/cmdline\" 2>/dev/null
 }"

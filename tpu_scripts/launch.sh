@@ -16,6 +16,6 @@ args=$(printf '%q ' "$@")
 on_all_workers "$remote_training_fn
 cd ~/$REMOTE_DIR && . .venv/bin/activate || exit 1
 if training; then echo \"\$(hostname): already training, pid \$pid (stop.sh first)\" >&2; exit 1; fi
-nohup python -m geex_jax.train --distributed $args > ~/$LOG_FILE 2>&1 < /dev/null &
+nohup python -m geex_jax.training --distributed $args > ~/$LOG_FILE 2>&1 < /dev/null &
 echo \$! > ~/$PID_FILE
 echo \"\$(hostname): started pid \$!, log ~/$LOG_FILE\""

@@ -3,6 +3,7 @@
 `register_corpus_tasks` records each corpus task here and registers the matching seqio Task and
 Mixture; the batch pipeline reads only this catalog, so training never runs TF preprocessing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +15,11 @@ from geex_jax.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   """One language of one corpus."""
+
   name: str
-  language: str               # registry name ("C++")
-  tag: str                    # the tag line, without newline
-  shards: tuple[str, ...]     # absolute TFRecord paths, in order
+  language: str  # registry name ("C++")
+  tag: str  # the tag line, without newline
+  shards: tuple[str, ...]  # absolute TFRecord paths, in order
   num_documents: int
   tokenizer_dir: Optional[str]  # None = byte-level fallback
 
@@ -26,7 +28,7 @@ class TaskSpec:
 class MixtureSpec:
   name: str
   tasks: tuple[TaskSpec, ...]
-  rates: tuple[float, ...]    # normalised, aligned with tasks
+  rates: tuple[float, ...]  # normalised, aligned with tasks
 
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -48,5 +50,7 @@ def get(name: str) -> MixtureSpec:
   if name in _TASKS:
     return MixtureSpec(name, (_TASKS[name],), (1.0,))
   known = ", ".join(sorted([*_MIXTURES, *_TASKS])) or "none"
-  raise ConfigError(f"unknown mixture or task {name!r} (registered: {known}); "
-                    "call geex_jax.data.pipeline.register_corpus_tasks first")
+  raise ConfigError(
+    f"unknown mixture or task {name!r} (registered: {known}); "
+    "call geex_jax.data.pipeline.register_corpus_tasks first"
+  )

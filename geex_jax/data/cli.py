@@ -1,4 +1,5 @@
 """`geex-data`: build a corpus (thin wrapper over geex_jax.data.corpus)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,20 +14,32 @@ PROG = "geex-data"
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=PROG, description="CodeGeeX data tools.")
   sub = p.add_subparsers(dest="command", required=True)
-  b = sub.add_parser("build", help="source trees -> filtered, deduplicated TFRecord corpus",
-                     description="Walks --src trees, keeps files of known languages that pass the "
-                                 "paper's filters, drops duplicates, writes language-partitioned "
-                                 "TFRecord shards and manifest.json to --out. Rerun to resume.")
-  b.add_argument("--src", action="append", default=[], metavar="DIR",
-                 help="a source tree (repeatable)")
+  b = sub.add_parser(
+    "build",
+    help="source trees -> filtered, deduplicated TFRecord corpus",
+    description="Walks --src trees, keeps files of known languages that pass the "
+    "paper's filters, drops duplicates, writes language-partitioned "
+    "TFRecord shards and manifest.json to --out. Rerun to resume.",
+  )
+  b.add_argument(
+    "--src", action="append", default=[], metavar="DIR", help="a source tree (repeatable)"
+  )
   b.add_argument("--out", required=True, metavar="DIR", help="the corpus directory")
-  b.add_argument("--languages", nargs="+", metavar="LANG",
-                 help="keep only these languages (names or aliases: python cpp js ...)")
-  b.add_argument("--embedded", action="store_true",
-                 help="build the small demo corpus from this machine's own sources "
-                      "(Python stdlib, /usr/include, /usr/share, /usr/lib); no --src needed")
-  b.add_argument("--flush-mb", type=int, default=256,
-                 help="MB of text per flush (shard and resume granularity)")
+  b.add_argument(
+    "--languages",
+    nargs="+",
+    metavar="LANG",
+    help="keep only these languages (names or aliases: python cpp js ...)",
+  )
+  b.add_argument(
+    "--embedded",
+    action="store_true",
+    help="build the small demo corpus from this machine's own sources "
+    "(Python stdlib, /usr/include, /usr/share, /usr/lib); no --src needed",
+  )
+  b.add_argument(
+    "--flush-mb", type=int, default=256, help="MB of text per flush (shard and resume granularity)"
+  )
   b.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -35,6 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = _parser().parse_args(argv)
   with cli_errors(PROG):
     from geex_jax.data import corpus
+
     if args.embedded:
       if args.src or args.languages:
         raise InputError("--embedded takes no --src or --languages")
@@ -42,12 +56,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
       if args.flush_mb < 1:
         raise InputError("--flush-mb must be >= 1")
-      m = corpus.build_corpus(args.src, args.out, languages=args.languages,
-                              flush_bytes=args.flush_mb << 20, progress=not args.no_progress)
+      m = corpus.build_corpus(
+        args.src,
+        args.out,
+        languages=args.languages,
+        flush_bytes=args.flush_mb << 20,
+        progress=not args.no_progress,
+      )
     dropped = ", ".join(f"{k} {v}" for k, v in m["dropped"].items() if v)
     langs = ", ".join(f"{n} {c['documents']}" for n, c in sorted(m["languages"].items()))
-    print(f"{args.out}: kept {m['kept']} of {m['files']} source files "
-          f"({m['bytes'] / 1e6:.1f} MB); dropped: {dropped or 'none'}; per language: {langs}")
+    print(
+      f"{args.out}: kept {m['kept']} of {m['files']} source files "
+      f"({m['bytes'] / 1e6:.1f} MB); dropped: {dropped or 'none'}; per language: {langs}"
+    )
 
 
 if __name__ == "__main__":

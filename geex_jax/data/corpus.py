@@ -9,6 +9,7 @@ Resumable: files are visited in a deterministic (sorted) order and buffered; eve
 the buffers are written as one new shard per language, then the dedup hashes, then the state, each
 atomically. A crash loses at most the unflushed files, which a rerun visits again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,9 @@ MANIFEST = "manifest.json"
 FORMAT = "geex-corpus/1"
 _STATE_DIR = ".build"
 _HASH_BYTES = 16
-_SKIP_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", "node_modules", "site-packages",
-                        "dist-packages"})
+_SKIP_DIRS = frozenset(
+  {"__pycache__", ".git", ".hg", ".svn", "node_modules", "site-packages", "dist-packages"}
+)
 
 
 def _atomic_write_json(path: str, obj) -> None:
@@ -63,11 +65,25 @@ def _resolve_languages(names: Optional[Sequence[str]]) -> Optional[list[str]]:
 
 def _empty_counts(lang_names: Iterable[str]) -> dict:
   return {
-      "files": 0, "kept": 0, "bytes": 0, "unknown_extension": 0, "other_language": 0,
-      "dropped": {r: 0 for r in F.REASONS},
-      "languages": {n: {"slug": langs.get(n).slug, "tag": langs.get(n).tag, "files": 0,
-                        "documents": 0, "bytes": 0, "dropped": {r: 0 for r in F.REASONS},
-                        "shards": [], "shard_documents": []} for n in lang_names},
+    "files": 0,
+    "kept": 0,
+    "bytes": 0,
+    "unknown_extension": 0,
+    "other_language": 0,
+    "dropped": {r: 0 for r in F.REASONS},
+    "languages": {
+      n: {
+        "slug": langs.get(n).slug,
+        "tag": langs.get(n).tag,
+        "files": 0,
+        "documents": 0,
+        "bytes": 0,
+        "dropped": {r: 0 for r in F.REASONS},
+        "shards": [],
+        "shard_documents": [],
+      }
+      for n in lang_names
+    },
   }
 
 
@@ -83,9 +99,12 @@ class _Builder:
     self.budget = max_bytes_per_language
     self.progress = progress
     self.state_dir = os.path.join(out, _STATE_DIR)
-    self.options = {"sources": self.sources, "languages": languages,
-                    "filters": dataclasses.asdict(cfg),
-                    "max_bytes_per_language": max_bytes_per_language}
+    self.options = {
+      "sources": self.sources,
+      "languages": languages,
+      "filters": dataclasses.asdict(cfg),
+      "max_bytes_per_language": max_bytes_per_language,
+    }
 
   def run(self) -> dict:
     manifest_path = os.path.join(self.out, MANIFEST)
@@ -93,8 +112,10 @@ class _Builder:
       with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
       if manifest.get("options") != self.options:
-        raise InputError(f"{self.out} already holds a corpus built with other options; "
-                         "use another --out or delete it")
+        raise InputError(
+          f"{self.out} already holds a corpus built with other options; "
+          "use another --out or delete it"
+        )
       return manifest  # a completed build: rerunning is a no-op
     os.makedirs(self.state_dir, exist_ok=True)
     files = [p for p in walk_sources(self.sources)]
@@ -104,8 +125,15 @@ class _Builder:
     self._open_hashes()
     try:
       from tqdm import tqdm
-      bar = tqdm(total=len(files), initial=self.state["files_done"], unit="file",
-                 desc="geex-data build", disable=not self.progress, file=sys.stderr)
+
+      bar = tqdm(
+        total=len(files),
+        initial=self.state["files_done"],
+        unit="file",
+        desc="geex-data build",
+        disable=not self.progress,
+        file=sys.stderr,
+      )
       for i in range(self.state["files_done"], len(files)):
         doc = self._visit(files[i])
         if doc is not None:
@@ -120,8 +148,7 @@ class _Builder:
       bar.close()
     finally:
       self._hashes_file.close()
-    manifest = {"format": FORMAT, "complete": True, "options": self.options,
-                **self.state["counts"]}
+    manifest = {"format": FORMAT, "complete": True, "options": self.options, **self.state["counts"]}
     # Only languages with documents are part of the corpus (and get a seqio task).
     manifest["languages"] = {n: c for n, c in manifest["languages"].items() if c["documents"]}
     _atomic_write_json(manifest_path, manifest)
@@ -133,12 +160,20 @@ class _Builder:
       with open(path, encoding="utf-8") as f:
         state = json.load(f)
       if state["options"] != self.options or state["num_files"] != len(files):
-        raise InputError(f"{self.out} holds an unfinished build with other sources or options; "
-                         "use another --out or delete it")
+        raise InputError(
+          f"{self.out} holds an unfinished build with other sources or options; "
+          "use another --out or delete it"
+        )
     else:
       names = self.languages or [l.name for l in langs.LANGUAGES]
-      state = {"options": self.options, "num_files": len(files), "files_done": 0, "flushes": 0,
-               "hashes_len": 0, "counts": _empty_counts(names)}
+      state = {
+        "options": self.options,
+        "num_files": len(files),
+        "files_done": 0,
+        "flushes": 0,
+        "hashes_len": 0,
+        "counts": _empty_counts(names),
+      }
     self.state = state
     # Shards written after the last saved state belong to files that will be visited again.
     known = {s for c in state["counts"]["languages"].values() for s in c["shards"]}
@@ -157,7 +192,7 @@ class _Builder:
     self._hashes_file.truncate(self.state["hashes_len"])
     self._hashes_file.seek(0)
     raw = self._hashes_file.read()
-    self.seen = {raw[i:i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)}
+    self.seen = {raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)}
     self._new_hashes: list[bytes] = []
 
   def _drop(self, lang: Optional[dict], reason: str) -> None:
@@ -226,9 +261,16 @@ class _Builder:
     _atomic_write_json(os.path.join(self.state_dir, "state.json"), self.state)
 
 
-def build_corpus(sources: Sequence[str], out: str, *, languages: Optional[Sequence[str]] = None,
-                 filter_config: F.FilterConfig = F.FilterConfig(), flush_bytes: int = 256 << 20,
-                 max_bytes_per_language: Optional[int] = None, progress: bool = True) -> dict:
+def build_corpus(
+  sources: Sequence[str],
+  out: str,
+  *,
+  languages: Optional[Sequence[str]] = None,
+  filter_config: F.FilterConfig = F.FilterConfig(),
+  flush_bytes: int = 256 << 20,
+  max_bytes_per_language: Optional[int] = None,
+  progress: bool = True,
+) -> dict:
   """Builds (or resumes, or finds complete) the corpus in `out`; returns its manifest.
 
   Args:
@@ -250,8 +292,10 @@ def build_corpus(sources: Sequence[str], out: str, *, languages: Optional[Sequen
   if fileio.is_url(out):
     # The builder appends to local shards and state files; a gs:// URL must not become the local
     # folder ./gs:/... either.
-    raise InputError(f"--out {out!r}: build into a local directory, then copy it to remote "
-                     "storage (e.g. `gcloud storage cp -r`); training reads a gs:// corpus")
+    raise InputError(
+      f"--out {out!r}: build into a local directory, then copy it to remote "
+      "storage (e.g. `gcloud storage cp -r`); training reads a gs:// corpus"
+    )
   out = os.path.abspath(out)
   if os.path.exists(out) and not os.path.isdir(out):
     raise InputError(f"--out {out!r} exists and is not a directory")
@@ -259,8 +303,15 @@ def build_corpus(sources: Sequence[str], out: str, *, languages: Optional[Sequen
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     raise InputError(f"cannot create {out!r}: {e.strerror}") from None
-  builder = _Builder(sources, out, _resolve_languages(languages), filter_config, flush_bytes,
-                     max_bytes_per_language, progress)
+  builder = _Builder(
+    sources,
+    out,
+    _resolve_languages(languages),
+    filter_config,
+    flush_bytes,
+    max_bytes_per_language,
+    progress,
+  )
   return builder.run()
 
 
@@ -277,8 +328,9 @@ EMBEDDED_BYTES_PER_LANGUAGE = 512 << 10
 
 def build_embedded_corpus(out: str, *, progress: bool = True) -> dict:
   """The demo corpus: a few MB from `embedded_sources()`, built in seconds, no download."""
-  return build_corpus(embedded_sources(), out, max_bytes_per_language=EMBEDDED_BYTES_PER_LANGUAGE,
-                      progress=progress)
+  return build_corpus(
+    embedded_sources(), out, max_bytes_per_language=EMBEDDED_BYTES_PER_LANGUAGE, progress=progress
+  )
 
 
 def load_manifest(corpus_dir: str) -> dict:
@@ -292,8 +344,9 @@ def load_manifest(corpus_dir: str) -> dict:
       with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
   except FileNotFoundError:
-    raise InputError(f"{corpus_dir!r} is not a built corpus (no {MANIFEST}); "
-                     "run `geex-data build` first") from None
+    raise InputError(
+      f"{corpus_dir!r} is not a built corpus (no {MANIFEST}); run `geex-data build` first"
+    ) from None
   except (OSError, ValueError) as e:
     raise InputError(f"cannot read {path}: {e}") from None
   if manifest.get("format") != FORMAT or not manifest.get("complete"):

@@ -1,4 +1,5 @@
 """Mixture rates: the paper's language shares of the CodeGeeX corpus, overridable from gin."""
+
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
@@ -22,8 +23,9 @@ def paper_share(name: str) -> float:
 
 
 @gin.configurable("language_rates", denylist=["language_names"])
-def language_rates(language_names: Sequence[str],
-                   overrides: Optional[Mapping[str, float]] = None) -> dict[str, float]:
+def language_rates(
+  language_names: Sequence[str], overrides: Optional[Mapping[str, float]] = None
+) -> dict[str, float]:
   """Sampling rates (normalised to sum 1) for the languages present in a corpus.
 
   Args:

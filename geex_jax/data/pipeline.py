@@ -27,6 +27,7 @@ and a per-task counter, restoring costs one document read, and resumed == uninte
 The seqio Tasks/Mixture are still registered (tasks.py) for seqio/t5x users, and the tests check
 that they produce the same documents.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,16 +47,25 @@ from geex_jax.data.records import RecordReader
 from geex_jax.errors import ConfigError, InputError
 from geex_jax.tokenizer import Tokenizer, load_tokenizer
 
-_BLOCK = 4096          # mixture draws are generated per block of global positions
+_BLOCK = 4096  # mixture draws are generated per block of global positions
 _STATE_VERSION = 1
-FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-            "decoder_segment_ids", "decoder_positions")
+FEATURES = (
+  "decoder_input_tokens",
+  "decoder_target_tokens",
+  "decoder_loss_weights",
+  "decoder_segment_ids",
+  "decoder_positions",
+)
 
 
 @gin.configurable("register_corpus_tasks")
-def register_corpus_tasks(corpus_dir: str = gin.REQUIRED, tokenizer_dir: Optional[str] = None,
-                          rates: Optional[Mapping[str, float]] = None, name: str = "codegeex",
-                          seqio_tasks: bool = True) -> str:
+def register_corpus_tasks(
+  corpus_dir: str = gin.REQUIRED,
+  tokenizer_dir: Optional[str] = None,
+  rates: Optional[Mapping[str, float]] = None,
+  name: str = "codegeex",
+  seqio_tasks: bool = True,
+) -> str:
   """Registers one task per corpus language, `{name}_{slug}`, and the mixture `name`.
 
   Args:
@@ -75,19 +85,27 @@ def register_corpus_tasks(corpus_dir: str = gin.REQUIRED, tokenizer_dir: Optiona
   for lang_name, info in sorted(manifest["languages"].items()):
     lang = langs.get(lang_name)
     shards = tuple(os.path.join(fileio.resolve(corpus_dir), s) for s in info["shards"])
-    specs.append(catalog.TaskSpec(f"{name}_{lang.slug}", lang.name, lang.tag, shards,
-                                  int(info["documents"]), tokenizer_dir))
+    specs.append(
+      catalog.TaskSpec(
+        f"{name}_{lang.slug}", lang.name, lang.tag, shards, int(info["documents"]), tokenizer_dir
+      )
+    )
   if not specs:
     raise InputError(f"corpus {corpus_dir!r} holds no documents")
-  by_lang = (language_rates([s.language for s in specs]) if rates is None
-             else language_rates([s.language for s in specs], overrides=rates))
+  by_lang = (
+    language_rates([s.language for s in specs])
+    if rates is None
+    else language_rates([s.language for s in specs], overrides=rates)
+  )
   specs = [s for s in specs if s.language in by_lang]
   for s in specs:
     catalog.add_task(s)
-  catalog.add_mixture(catalog.MixtureSpec(name, tuple(specs),
-                                          tuple(by_lang[s.language] for s in specs)))
+  catalog.add_mixture(
+    catalog.MixtureSpec(name, tuple(specs), tuple(by_lang[s.language] for s in specs))
+  )
   if seqio_tasks:
     from geex_jax.data import tasks  # TensorFlow lives behind this import
+
     tasks.register_seqio(name, specs, [by_lang[s.language] for s in specs])
   return name
 
@@ -95,8 +113,16 @@ def register_corpus_tasks(corpus_dir: str = gin.REQUIRED, tokenizer_dir: Optiona
 class DocumentStream:
   """The host's documents in stream order: (global position, task index, token ids)."""
 
-  def __init__(self, spec: catalog.MixtureSpec, tokenizer: Tokenizer, *, seed: int,
-               shard_index: int = 0, num_shards: int = 1, num_epochs: Optional[int] = None):
+  def __init__(
+    self,
+    spec: catalog.MixtureSpec,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    num_epochs: Optional[int] = None,
+  ):
     if not 0 <= shard_index < num_shards:
       raise ConfigError(f"shard_index {shard_index} is not in [0, num_shards={num_shards})")
     self.spec = spec
@@ -107,8 +133,10 @@ class DocumentStream:
     self._readers = [RecordReader(t.shards) for t in spec.tasks]
     for t, r in zip(spec.tasks, self._readers):
       if len(r) != t.num_documents:
-        raise InputError(f"task {t.name}: shards hold {len(r)} documents, manifest says "
-                         f"{t.num_documents}; rebuild the corpus")
+        raise InputError(
+          f"task {t.name}: shards hold {len(r)} documents, manifest says "
+          f"{t.num_documents}; rebuild the corpus"
+        )
     self._cum_rates = np.cumsum(np.asarray(spec.rates, np.float64) / sum(spec.rates))
     # A task's document order depends on its language, not on which mixture it is part of.
     self._salts = [zlib.crc32(t.language.encode()) for t in spec.tasks]
@@ -151,7 +179,7 @@ class DocumentStream:
     return self._queue.popleft()
 
   def next(self) -> Optional[tuple[int, list[int], int, np.ndarray]]:
-    """(position, counts before it, task index, ids incl. EOD), or None when a finite stream ends."""
+    """(position, counts before it, task index, ids incl. EOD); None when a finite stream ends."""
     address = self.next_address()
     if address is None:
       return None
@@ -163,7 +191,8 @@ class DocumentStream:
     if perm is None:
       self._perms = {k_: v for k_, v in self._perms.items() if k_[0] != task}  # one epoch per task
       perm = self._perms[key] = np.random.default_rng(
-          [self.seed, 0x7065726D, self._salts[task], epoch]).permutation(size)
+        [self.seed, 0x7065726D, self._salts[task], epoch]
+      ).permutation(size)
     text = self._readers[task][int(perm[k])].decode("utf-8")
     ids = self.tokenizer.encode(self._tags[task] + text)
     ids.append(self.tokenizer.eos_id)
@@ -177,11 +206,13 @@ class DocumentStream:
 class BatchIterator:
   """Iterator of packed batches: dicts of numpy arrays [batch_size, sequence_length]."""
 
-  def __init__(self, stream: DocumentStream, *, sequence_length: int, batch_size: int,
-               fingerprint: dict):
+  def __init__(
+    self, stream: DocumentStream, *, sequence_length: int, batch_size: int, fingerprint: dict
+  ):
     if sequence_length < 1 or batch_size < 1:
-      raise ConfigError(f"sequence_length ({sequence_length}) and batch_size ({batch_size}) "
-                        "must be positive")
+      raise ConfigError(
+        f"sequence_length ({sequence_length}) and batch_size ({batch_size}) must be positive"
+      )
     self.stream = stream
     self.sequence_length = sequence_length
     self.batch_size = batch_size
@@ -247,28 +278,43 @@ class BatchIterator:
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position in the stream: restore it with `set_state`."""
     position, counts = self._doc_state
-    return {"version": _STATE_VERSION, "position": position, "counts": counts,
-            "offset": int(self._offset + self._pending_offset), **self._fingerprint}
+    return {
+      "version": _STATE_VERSION,
+      "position": position,
+      "counts": counts,
+      "offset": int(self._offset + self._pending_offset),
+      **self._fingerprint,
+    }
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continue exactly after the batch at which `state` was taken."""
     if state.get("version") != _STATE_VERSION:
-      raise ConfigError(f"data iterator state version {state.get('version')!r} is not "
-                        f"{_STATE_VERSION}")
+      raise ConfigError(
+        f"data iterator state version {state.get('version')!r} is not {_STATE_VERSION}"
+      )
     diff = [k for k, v in self._fingerprint.items() if state.get(k) != v]
     if diff:
-      raise ConfigError("data iterator state belongs to another data configuration (differs in "
-                        + ", ".join(f"{k}: saved {state.get(k)!r} vs now {self._fingerprint[k]!r}"
-                                    for k in diff) + ")")
+      raise ConfigError(
+        "data iterator state belongs to another data configuration (differs in "
+        + ", ".join(f"{k}: saved {state.get(k)!r} vs now {self._fingerprint[k]!r}" for k in diff)
+        + ")"
+      )
     # The position names the document in progress; re-reading it and skipping `offset` tokens
     # puts the packer exactly where it was (a document whose tokens were all emitted is skipped).
     self._reset(int(state["position"]), state["counts"], int(state["offset"]))
 
 
 @gin.configurable("make_batch_iterator", allowlist=["num_epochs"])
-def make_batch_iterator(*, mixture_or_task: str, sequence_length: int, batch_size: int, seed: int,
-                        shard_index: int = 0, num_shards: int = 1,
-                        num_epochs: Optional[int] = None) -> BatchIterator:
+def make_batch_iterator(
+  *,
+  mixture_or_task: str,
+  sequence_length: int,
+  batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  num_shards: int = 1,
+  num_epochs: Optional[int] = None,
+) -> BatchIterator:
   """Packed LM batches of a registered mixture or task, for one host.
 
   Args:
@@ -289,12 +335,25 @@ def make_batch_iterator(*, mixture_or_task: str, sequence_length: int, batch_siz
     raise ConfigError(f"{mixture_or_task}: tasks use different tokenizers {tokenizer_dirs}")
   tokenizer_dir = tokenizer_dirs.pop()
   tokenizer = load_tokenizer(tokenizer_dir)
-  stream = DocumentStream(spec, tokenizer, seed=seed, shard_index=shard_index,
-                          num_shards=num_shards, num_epochs=num_epochs)
-  fingerprint = {"mixture": spec.name, "tasks": [t.name for t in spec.tasks],
-                 "rates": [round(r, 12) for r in spec.rates],
-                 "documents": [t.num_documents for t in spec.tasks],
-                 "tokenizer": tokenizer_dir or "bytes", "seed": int(seed),
-                 "shard_index": shard_index, "num_shards": num_shards, "num_epochs": num_epochs}
-  return BatchIterator(stream, sequence_length=sequence_length, batch_size=batch_size,
-                       fingerprint=fingerprint)
+  stream = DocumentStream(
+    spec,
+    tokenizer,
+    seed=seed,
+    shard_index=shard_index,
+    num_shards=num_shards,
+    num_epochs=num_epochs,
+  )
+  fingerprint = {
+    "mixture": spec.name,
+    "tasks": [t.name for t in spec.tasks],
+    "rates": [round(r, 12) for r in spec.rates],
+    "documents": [t.num_documents for t in spec.tasks],
+    "tokenizer": tokenizer_dir or "bytes",
+    "seed": int(seed),
+    "shard_index": shard_index,
+    "num_shards": num_shards,
+    "num_epochs": num_epochs,
+  }
+  return BatchIterator(
+    stream, sequence_length=sequence_length, batch_size=batch_size, fingerprint=fingerprint
+  )

@@ -1,10 +1,11 @@
-"""TFRecord files: writing (through TensorFlow, for the CRCs) and random-access reading (plain Python).
+"""TFRecord files: writing (through TensorFlow, for the CRCs), random-access reading (plain Python).
 
 The corpus stores one document per record, the payload being the file's UTF-8 text (no proto), so
 seqio reads the shards with `tf.data.TFRecordDataset` and the batch pipeline reads document k of a
 language with one seek, which is what makes its iterator state O(1) to restore. Reading works on
 local files and gs:// objects alike (geex_jax.fileio); writing is local (the corpus builder).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,8 @@ import numpy as np
 from geex_jax import fileio
 from geex_jax.errors import InputError
 
-# A record: uint64 length, uint32 masked CRC of the length, payload, uint32 masked CRC of the payload.
+# A record: uint64 length, uint32 masked CRC of the length, payload, uint32 masked CRC of the
+# payload.
 _HEADER = 12
 _FOOTER = 4
 
@@ -24,23 +26,21 @@ _FOOTER = 4
 def write_records(path: str, payloads: Iterable[bytes]) -> int:
   """Writes `payloads` to a TFRecord file atomically (temp file + rename); returns the count."""
   from geex_jax.data.tf_import import import_tf
+
   tf = import_tf()  # lazy: only the builder writes; tf.io computes the CRC32C checksums
 
-  tmp = f"{path}.tmp-{os.getpid()}"
   n = 0
-  with tf.io.TFRecordWriter(tmp) as w:
+  with fileio.atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp) as w:
     for p in payloads:
       w.write(p)
       n += 1
-  os.replace(tmp, path)
   return n
 
 
 def scan_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(payload offsets, payload lengths) of every record in a TFRecord file, from its headers."""
   offsets, lengths = [], []
-  size = (fileio.as_path(path).stat().length if fileio.is_url(path)
-          else os.path.getsize(path))
+  size = fileio.as_path(path).stat().length if fileio.is_url(path) else os.path.getsize(path)
   with fileio.open_binary(path) as f:
     pos = 0
     while pos < size:

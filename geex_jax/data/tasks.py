@@ -6,6 +6,7 @@ pipeline (pipeline.py) produces the same documents without TensorFlow; the tests
 Use with `seqio.get_dataset(name, {"targets": L}, feature_converter=...)`; note that seqio's
 packing truncates each document to L tokens (pipeline.py does not).
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,13 +38,18 @@ def register_seqio(mixture: str, specs: Sequence[catalog.TaskSpec], rates: Seque
     vocab = vocabs.setdefault(spec.tokenizer_dir, CodeGeeXVocabulary(spec.tokenizer_dir))
     seqio.TaskRegistry.remove(spec.name)
     seqio.TaskRegistry.add(
-        spec.name,
-        source=seqio.FileDataSource(read_file_fn=_read_documents,
-                                    split_to_filepattern={"train": list(spec.shards)},
-                                    num_input_examples={"train": spec.num_documents}),
-        preprocessors=[functools.partial(_tag_line, tag=spec.tag),
-                       seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
-        output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
+      spec.name,
+      source=seqio.FileDataSource(
+        read_file_fn=_read_documents,
+        split_to_filepattern={"train": list(spec.shards)},
+        num_input_examples={"train": spec.num_documents},
+      ),
+      preprocessors=[
+        functools.partial(_tag_line, tag=spec.tag),
+        seqio.preprocessors.tokenize,
+        seqio.preprocessors.append_eos,
+      ],
+      output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
     )
   seqio.MixtureRegistry.remove(mixture)
   seqio.MixtureRegistry.add(mixture, [(s.name, r) for s, r in zip(specs, rates)])

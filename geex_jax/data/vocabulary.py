@@ -3,6 +3,7 @@
 TF-graph encode/decode call the plain Python tokenizer through `tf.numpy_function`: the BPE runs
 in the `tokenizers` library either way, and one implementation means one behaviour.
 """
+
 from __future__ import annotations
 
 
@@ -63,8 +64,7 @@ class CodeGeeXVocabulary(seqio.Vocabulary):
       ids = tf.numpy_function(self._encode_np, [s], tf.int32, stateful=False)
       ids.set_shape([None])
       return ids
-    return tf.map_fn(self._encode_tf, s,
-                     fn_output_signature=tf.RaggedTensorSpec([None], tf.int32))
+    return tf.map_fn(self._encode_tf, s, fn_output_signature=tf.RaggedTensorSpec([None], tf.int32))
 
   def _decode_np(self, ids: np.ndarray) -> np.ndarray:
     if ids.ndim == 1:
@@ -78,8 +78,7 @@ class CodeGeeXVocabulary(seqio.Vocabulary):
     return out
 
   def __eq__(self, other) -> bool:
-    return (isinstance(other, CodeGeeXVocabulary)
-            and other.tokenizer_dir == self.tokenizer_dir)
+    return isinstance(other, CodeGeeXVocabulary) and other.tokenizer_dir == self.tokenizer_dir
 
   def __hash__(self) -> int:
     return hash((CodeGeeXVocabulary, self.tokenizer_dir))

@@ -13,6 +13,7 @@ Results are cached by the SHA-256 of (evaluator version, language, toolchain fin
 program text): a rerun only executes programs that changed. Timeouts and skips are not cached, so
 they are retried (a loaded machine can time out a correct program).
 """
+
 from __future__ import annotations
 
 import concurrent.futures as futures
@@ -30,6 +31,7 @@ from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
+from geex_jax import fileio
 from geex_jax.humaneval_x import sandbox as sandbox_lib
 from geex_jax.humaneval_x import toolchains
 from geex_jax.humaneval_x.assembly import Assembled
@@ -38,7 +40,12 @@ from geex_jax.humaneval_x.assembly import Assembled
 EVALUATOR_VERSION = "1"
 
 PASSED, FAILED, TIMED_OUT, COMPILE_ERROR, SKIPPED = (
-    "passed", "failed", "timed out", "compile error", "skipped")
+  "passed",
+  "failed",
+  "timed out",
+  "compile error",
+  "skipped",
+)
 
 # Root mode: compiles run as this uid (fixed, so the shared Go cache keeps one owner); each worker
 # runs programs as its own uid from a per-process block, so a fork bomb only exhausts its own
@@ -51,7 +58,8 @@ _RUN_UID_STRIDE = 256
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   """The outcome of one program."""
-  status: str               # one of PASSED, FAILED, TIMED_OUT, COMPILE_ERROR, SKIPPED
+
+  status: str  # one of PASSED, FAILED, TIMED_OUT, COMPILE_ERROR, SKIPPED
   reason: str = ""
   compile_s: float = 0.0
   run_s: float = 0.0
@@ -63,20 +71,28 @@ class Verdict:
 
   @property
   def text(self) -> str:
-    """"passed", "failed: AssertionError", "timed out", "compile error: ..."."""
+    """ "passed", "failed: AssertionError", "timed out", "compile error: ..."."""
     return f"{self.status}: {self.reason}" if self.reason else self.status
 
   def to_json(self) -> dict:
-    return {"status": self.status, "reason": self.reason, "compile_s": round(self.compile_s, 3),
-            "run_s": round(self.run_s, 3)}
+    return {
+      "status": self.status,
+      "reason": self.reason,
+      "compile_s": round(self.compile_s, 3),
+      "run_s": round(self.run_s, 3),
+    }
 
 
 # Lines that say why a program failed, strongest first: a panic / assertion / exception beats a
 # generic "error" or "FAIL" line, which beats the last line printed.
-_REASONS = [re.compile(p) for p in (
+_REASONS = [
+  re.compile(p)
+  for p in (
     r"panicked at|AssertionError|Assertion .*failed|Assertion failed|assertion",
     r"\w+(Error|Exception)\b|terminate called|Segmentation|Abort",
-    r"error|Error|--- FAIL|FAIL")]
+    r"error|Error|--- FAIL|FAIL",
+  )
+]
 
 
 def _reason(*texts: str, prefer_last: bool = False) -> str:
@@ -103,6 +119,7 @@ def _reason(*texts: str, prefer_last: bool = False) -> str:
 
 def _signal_reason(sig: int) -> str:
   import signal as signal_mod
+
   try:
     name = signal_mod.Signals(sig).name
   except ValueError:
@@ -125,16 +142,25 @@ class Executor:
     memory_bytes: RLIMIT_DATA of a program run (default 2 GiB; room for the JVM's 1 GiB heap).
   """
 
-  def __init__(self, workers: Optional[int] = None, cache_dir: Optional[os.PathLike] = None,
-               toolchain_dir: Optional[os.PathLike] = None, run_timeout_s: float = 10.0,
-               compile_timeout_s: float = 60.0, memory_bytes: Optional[int] = None):
+  def __init__(
+    self,
+    workers: Optional[int] = None,
+    cache_dir: Optional[os.PathLike] = None,
+    toolchain_dir: Optional[os.PathLike] = None,
+    run_timeout_s: float = 10.0,
+    compile_timeout_s: float = 60.0,
+    memory_bytes: Optional[int] = None,
+  ):
     # Each worker owns one uid of a block of _RUN_UID_STRIDE.
     self.workers = min(_RUN_UID_STRIDE, max(1, workers or os.cpu_count() or 1))
     self.toolchain_dir = pathlib.Path(toolchain_dir or toolchains.default_toolchain_dir())
     self.cache_dir = pathlib.Path(cache_dir) if cache_dir else None
-    self.drivers = {k: toolchains.make_driver(k, self.toolchain_dir, run_timeout_s,
-                                              compile_timeout_s, memory_bytes)
-                    for k in toolchains.DRIVERS}
+    self.drivers = {
+      k: toolchains.make_driver(
+        k, self.toolchain_dir, run_timeout_s, compile_timeout_s, memory_bytes
+      )
+      for k in toolchains.DRIVERS
+    }
     self._missing: dict[str, Optional[str]] = {}
     self._prepared: set[str] = set()
     self._fingerprints: dict[str, str] = {}
@@ -172,10 +198,17 @@ class Executor:
   def cache_key(self, program: Assembled) -> str:
     d = self.drivers[program.language]
     with self._lock:
-      if program.language not in self._fingerprints:   # version commands are slow (JVM)
+      if program.language not in self._fingerprints:  # version commands are slow (JVM)
         self._fingerprints[program.language] = d.fingerprint()
-    head = json.dumps([EVALUATOR_VERSION, program.language, self._fingerprints[program.language],
-                       dataclasses.astuple(d.run_limits), dataclasses.astuple(d.compile_limits)])
+    head = json.dumps(
+      [
+        EVALUATOR_VERSION,
+        program.language,
+        self._fingerprints[program.language],
+        dataclasses.astuple(d.run_limits),
+        dataclasses.astuple(d.compile_limits),
+      ]
+    )
     return hashlib.sha256((head + "\0" + program.source).encode()).hexdigest()
 
   def _cache_path(self, key: str) -> Optional[pathlib.Path]:
@@ -187,19 +220,17 @@ class Executor:
       return None
     try:
       d = json.loads(path.read_text())
-      return Verdict(d["status"], d.get("reason", ""), d.get("compile_s", 0.0),
-                     d.get("run_s", 0.0), cached=True)
+      return Verdict(
+        d["status"], d.get("reason", ""), d.get("compile_s", 0.0), d.get("run_s", 0.0), cached=True
+      )
     except (OSError, ValueError, KeyError):
-      return None   # a damaged entry is recomputed
+      return None  # a damaged entry is recomputed
 
   def _cache_put(self, key: str, verdict: Verdict) -> None:
     path = self._cache_path(key)
     if not path or verdict.status in (TIMED_OUT, SKIPPED) or "timed out" in verdict.reason:
       return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(verdict.to_json()))
-    tmp.replace(path)
+    fileio.write_atomic(path, json.dumps(verdict.to_json()))
 
   # -- running ---------------------------------------------------------------------------------
 
@@ -220,29 +251,50 @@ class Executor:
       if d.compiled:
         if self.root:
           os.chown(work, COMPILE_UID, COMPILE_UID)
-        out = box.run(d.compile_argv(program.source), workdir=work, limits=d.compile_limits,
-                      uid=COMPILE_UID if self.root else None, env=d.compile_env(),
-                      workdir_writable=True, rw_paths=d.compile_rw_paths(), umask=0)
+        out = box.run(
+          d.compile_argv(program.source),
+          workdir=work,
+          limits=d.compile_limits,
+          uid=COMPILE_UID if self.root else None,
+          env=d.compile_env(),
+          workdir_writable=True,
+          rw_paths=d.compile_rw_paths(),
+          umask=0,
+        )
         compile_s = out.duration_s
         if out.timed_out:
-          return Verdict(COMPILE_ERROR, f"compilation timed out after "
-                         f"{d.compile_limits.timeout_s:g} s", compile_s)
+          return Verdict(
+            COMPILE_ERROR,
+            f"compilation timed out after {d.compile_limits.timeout_s:g} s",
+            compile_s,
+          )
         if out.returncode != 0:
-          return Verdict(COMPILE_ERROR, _reason(out.stderr, out.stdout) or
-                         f"compiler exit code {out.returncode}", compile_s)
-      out = box.run(d.run_argv(), workdir=work, limits=d.run_limits, uid=uid, env=d.run_env(),
-                    sweep_uid=uid is not None)
+          return Verdict(
+            COMPILE_ERROR,
+            _reason(out.stderr, out.stdout) or f"compiler exit code {out.returncode}",
+            compile_s,
+          )
+      out = box.run(
+        d.run_argv(),
+        workdir=work,
+        limits=d.run_limits,
+        uid=uid,
+        env=d.run_env(),
+        sweep_uid=uid is not None,
+      )
       if out.timed_out:
         return Verdict(TIMED_OUT, "", compile_s, out.duration_s)
       if d.passed(out.returncode, out.stdout_bytes, out.stderr_bytes):
         return Verdict(PASSED, "", compile_s, out.duration_s)
       if out.output_limited:
         why = "output limit exceeded"
-      elif out.signal and out.signal != 6:   # SIGABRT: the message (assert, terminate) says more
+      elif out.signal and out.signal != 6:  # SIGABRT: the message (assert, terminate) says more
         why = _signal_reason(out.signal)
       else:
-        why = (_reason(out.stderr, out.stdout, prefer_last=program.language == "python")
-               or f"exit code {out.returncode}")
+        why = (
+          _reason(out.stderr, out.stdout, prefer_last=program.language == "python")
+          or f"exit code {out.returncode}"
+        )
       return Verdict(FAILED, why, compile_s, out.duration_s)
     finally:
       shutil.rmtree(work, ignore_errors=True)
@@ -263,19 +315,23 @@ class Executor:
     self._cache_put(key, verdict)
     return verdict
 
-  def execute(self, programs: Sequence[Assembled], progress: bool = True,
-              desc: str = "executing") -> list[Verdict]:
+  def execute(
+    self, programs: Sequence[Assembled], progress: bool = True, desc: str = "executing"
+  ) -> list[Verdict]:
     """Verdicts for `programs`, in order. Identical programs run once."""
     for lang in sorted({p.language for p in programs}):
-      self.missing(lang)   # prepare toolchains before the workers start
+      self.missing(lang)  # prepare toolchains before the workers start
     first: dict[tuple[str, str], int] = {}
     for i, p in enumerate(programs):
       first.setdefault((p.language, p.source), i)
     unique = sorted(set(first.values()))
     results: dict[int, Verdict] = {}
-    with futures.ThreadPoolExecutor(max_workers=self.workers) as pool, \
-        tqdm(total=len(unique), desc=desc, disable=not progress, unit="prog",
-             dynamic_ncols=True) as bar:
+    with (
+      futures.ThreadPoolExecutor(max_workers=self.workers) as pool,
+      tqdm(
+        total=len(unique), desc=desc, disable=not progress, unit="prog", dynamic_ncols=True
+      ) as bar,
+    ):
       todo = {pool.submit(self._run_cached, programs[i]): i for i in unique}
       try:
         for fut in futures.as_completed(todo):

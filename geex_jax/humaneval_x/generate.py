@@ -6,7 +6,7 @@ The sampler is any callable
 returning n completions (text after the prompt) per prompt. When it also takes the keywords
 `language` (one HumanEval-X key per prompt, so it can stop at the language's stop rule) and/or
 `seed` (an int: resumed runs must not repeat the samples they already have), they are passed.
-`load_sampler` builds one from a checkpoint and tokenizer with `geex_jax.sampling.Sampler`,
+`load_sampler` builds one from a checkpoint and tokenizer with `geex_jax.inference.sampler.Sampler`,
 imported only when needed; prompts already carry their tag line (generation) or none
 (translation), so the sampler adds none.
 
@@ -15,6 +15,7 @@ batch at a time, each line whole and flushed, so an interrupted run loses at mos
 flight, and a rerun with the same arguments only generates what is missing (a torn last line is
 dropped first).
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,6 +30,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
+from geex_jax import fileio
 from geex_jax.errors import InputError
 from geex_jax.humaneval_x import problems as problems_lib
 
@@ -38,6 +40,7 @@ Complete = Callable[..., list[list[str]]]
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One prompt to sample."""
+
   task_id: str
   prompt: str
   source_language: Optional[str] = None
@@ -56,12 +59,17 @@ def generation_jobs(data_dir, langs=None, task_ids: Optional[Iterable[str]] = No
     unknown = sorted(wanted - {t for k in probs for t in probs[k]})
     if unknown:
       raise InputError(f"unknown task_id(s) for the selected languages: {', '.join(unknown)}")
-  return [Job(p.task_id, problems_lib.generation_prompt(p)) for k in probs
-          for p in probs[k].values() if wanted is None or p.task_id in wanted]
+  return [
+    Job(p.task_id, problems_lib.generation_prompt(p))
+    for k in probs
+    for p in probs[k].values()
+    if wanted is None or p.task_id in wanted
+  ]
 
 
-def translation_jobs(data_dir, pairs: Sequence[tuple[str, str]],
-                     task_ids: Optional[Iterable[str]] = None) -> list[Job]:
+def translation_jobs(
+  data_dir, pairs: Sequence[tuple[str, str]], task_ids: Optional[Iterable[str]] = None
+) -> list[Job]:
   """A job per problem of each (source, target) pair; task_id names the target problem."""
   try:
     wanted = {int(t.rsplit("/", 1)[1]) for t in task_ids} if task_ids else None
@@ -79,7 +87,7 @@ def translation_jobs(data_dir, pairs: Sequence[tuple[str, str]],
 
 
 def parse_pairs(spec: str) -> list[tuple[str, str]]:
-  """"all" -> the 30 pairs; "python:cpp,java:go" -> those pairs."""
+  """ "all" -> the 30 pairs; "python:cpp,java:go" -> those pairs."""
   if spec.strip() == "all":
     return problems_lib.translation_pairs()
   out = []
@@ -101,22 +109,30 @@ def _existing_counts(path: pathlib.Path) -> collections.Counter:
   data = path.read_bytes()
   cut = data.rfind(b"\n") + 1
   if cut != len(data):
-    with open(path, "r+b") as f:   # the last line was cut by an interruption
+    with open(path, "r+b") as f:  # the last line was cut by an interruption
       f.truncate(cut)
-  for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
-    if not line.strip():
-      continue
+  bad = lambda lineno, e=None: InputError(
+    f"{path}:{lineno}: not a samples line; refusing to append to it"
+  )
+  for lineno, row in fileio.iter_jsonl(path, error=bad):  # what is left: whole lines
     try:
-      row = json.loads(line)
       counts[(row["task_id"], row.get("source_language"))] += 1
-    except (json.JSONDecodeError, KeyError, TypeError):
-      raise InputError(f"{path}:{lineno}: not a samples line; refusing to append to it") from None
+    except (KeyError, TypeError):
+      raise bad(lineno) from None
   return counts
 
 
-def generate(complete: Complete, jobs: Sequence[Job], out_path, n: int, temperature: float,
-             top_p: float, max_new_tokens: int, batch_size: int = 8,
-             progress: bool = True) -> int:
+def generate(
+  complete: Complete,
+  jobs: Sequence[Job],
+  out_path,
+  n: int,
+  temperature: float,
+  top_p: float,
+  max_new_tokens: int,
+  batch_size: int = 8,
+  progress: bool = True,
+) -> int:
   """Samples `n` completions per job into `out_path` (resuming). Returns the lines written now."""
   if n < 1 or batch_size < 1:
     raise InputError("n and batch size must be >= 1")
@@ -134,11 +150,13 @@ def generate(complete: Complete, jobs: Sequence[Job], out_path, n: int, temperat
   except (TypeError, ValueError):
     accepts = set()
   written = 0
-  with open(out_path, "a", encoding="utf-8") as f, \
-      tqdm(total=total, desc="sampling", unit="sample", disable=not progress) as bar:
+  with (
+    open(out_path, "a", encoding="utf-8") as f,
+    tqdm(total=total, desc="sampling", unit="sample", disable=not progress) as bar,
+  ):
     for left, group in sorted(todo.items()):
       for i in range(0, len(group), batch_size):
-        batch = group[i:i + batch_size]
+        batch = group[i : i + batch_size]
         extra = {}
         if "language" in accepts:
           extra["language"] = [j.language for j in batch]
@@ -146,11 +164,14 @@ def generate(complete: Complete, jobs: Sequence[Job], out_path, n: int, temperat
           # Differs between the first run and a resumed one (n - left samples exist then).
           key = json.dumps([[j.task_id, j.source_language] for j in batch] + [n - left])
           extra["seed"] = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
-        outs = complete([j.prompt for j in batch], left, temperature, top_p, max_new_tokens,
-                        **extra)
+        outs = complete(
+          [j.prompt for j in batch], left, temperature, top_p, max_new_tokens, **extra
+        )
         if len(outs) != len(batch) or any(len(o) != left for o in outs):
-          raise RuntimeError(f"the sampler returned {[len(o) for o in outs]} completions for "
-                             f"{len(batch)} prompts x {left}")
+          raise RuntimeError(
+            f"the sampler returned {[len(o) for o in outs]} completions for "
+            f"{len(batch)} prompts x {left}"
+          )
         lines = []
         for job, gens in zip(batch, outs):
           for g in gens:
@@ -166,12 +187,14 @@ def generate(complete: Complete, jobs: Sequence[Job], out_path, n: int, temperat
   return written
 
 
-def load_sampler(checkpoint: str, tokenizer: str, factory: Optional[str] = None,
-                 **options) -> Complete:
+def load_sampler(
+  checkpoint: str, tokenizer: str, factory: Optional[str] = None, **options
+) -> Complete:
   """The `complete` callable of a trained model; raises InputError when it cannot be loaded.
 
   Args:
-    factory: None for geex_jax.sampling.Sampler (options: dtype, int8), or "module:function"
+    factory: None for geex_jax.inference.sampler.Sampler (options: dtype, int8), or
+      "module:function"
       called as function(checkpoint=..., tokenizer=...) that returns a `complete` callable.
   """
   if factory:
@@ -179,7 +202,7 @@ def load_sampler(checkpoint: str, tokenizer: str, factory: Optional[str] = None,
       raise InputError(f"--sampler must be MODULE:FUNCTION, got {factory!r}")
     mod_name, fn_name = factory.split(":", 1)
   else:
-    mod_name, fn_name = "geex_jax.sampling", "Sampler"
+    mod_name, fn_name = "geex_jax.inference.sampler", "Sampler"
   try:
     mod = importlib.import_module(mod_name)
   except ImportError as e:
@@ -192,7 +215,15 @@ def load_sampler(checkpoint: str, tokenizer: str, factory: Optional[str] = None,
   sampler = fn.load(checkpoint, tokenizer, **options)
 
   def complete(prompts, n, temperature, top_p, max_new_tokens, language=None, seed=0):
-    return sampler.complete(prompts, n, temperature=temperature, top_p=top_p,
-                            max_new_tokens=max_new_tokens, language=language, seed=seed,
-                            add_tag=False)
+    return sampler.complete(
+      prompts,
+      n,
+      temperature=temperature,
+      top_p=top_p,
+      max_new_tokens=max_new_tokens,
+      language=language,
+      seed=seed,
+      add_tag=False,
+    )
+
   return complete

@@ -4,6 +4,7 @@ pass@k of one problem with n samples of which c pass: 1 - C(n-c, k) / C(n, k), c
 1 - prod_{i=n-c+1..n} (1 - k / i) (no huge binomials), and 1.0 when n - c < k. A language's
 pass@k is the mean over its problems; it is defined only when every problem has n >= k.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
@@ -38,8 +39,9 @@ def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> Optional[float]
   return float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
 
 
-def pass_at_ks(counts: Sequence[tuple[int, int]], ks: Sequence[int] = KS
-               ) -> dict[str, Optional[float]]:
+def pass_at_ks(
+  counts: Sequence[tuple[int, int]], ks: Sequence[int] = KS
+) -> dict[str, Optional[float]]:
   """{"pass@1": ..., "pass@10": ..., "pass@100": ...} (None where n < k)."""
   return {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
 
@@ -66,8 +68,11 @@ def allocate_budget(budget: int, weights: Mapping[str, float]) -> dict[str, int]
   return alloc
 
 
-def budget_pass_rate(counts: Mapping[str, Mapping[int, tuple[int, int]]], budget: int,
-                     weights: Optional[Mapping[str, float]] = None) -> float:
+def budget_pass_rate(
+  counts: Mapping[str, Mapping[int, tuple[int, int]]],
+  budget: int,
+  weights: Optional[Mapping[str, float]] = None,
+) -> float:
   """Expected share of problems solved in ANY language when `budget` samples per problem are
   split across languages in proportion to `weights` (paper RQ3).
 
@@ -93,8 +98,7 @@ def budget_pass_rate(counts: Mapping[str, Mapping[int, tuple[int, int]]], budget
     for k in used:
       n, c = counts[k][num]
       if n < alloc[k]:
-        raise ValueError(f"{k}: {n} samples for problem {num}, but the budget allocates "
-                         f"{alloc[k]}")
+        raise ValueError(f"{k}: {n} samples for problem {num}, but the budget allocates {alloc[k]}")
       fail *= fail_all_probability(n, c, alloc[k])
     rates.append(1.0 - fail)
   return float(np.mean(rates))

@@ -3,6 +3,7 @@
 Files: `<dir>/humaneval_<key>.jsonl.gz` (or plain `.jsonl`) for key in python, cpp, java, js, go,
 rust; 164 problems each, task ids `Python/0`, `CPP/0`, `Java/0`, `JavaScript/0`, `Go/0`, `Rust/0`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,14 +18,15 @@ from geex_jax.languages import Language
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """One HumanEval-X problem in one language (the dataset's fields, unchanged)."""
-  task_id: str          # "CPP/12"
-  language: str         # HumanEval-X key: "cpp"
-  prompt: str           # signature + docstring (Go: with its import block)
-  declaration: str      # signature without docstring (Rust: with the `use` lines)
+
+  task_id: str  # "CPP/12"
+  language: str  # HumanEval-X key: "cpp"
+  prompt: str  # signature + docstring (Go: with its import block)
+  declaration: str  # signature without docstring (Rust: with the `use` lines)
   canonical_solution: str
   test: str
   example_test: str = ""
-  extra: tuple[tuple[str, str], ...] = ()   # other fields: Go's import / test_setup, ...
+  extra: tuple[tuple[str, str], ...] = ()  # other fields: Go's import / test_setup, ...
 
   @property
   def number(self) -> int:
@@ -51,7 +53,7 @@ def language_of(name: Union[str, Language]) -> Language:
 
 
 def parse_languages(spec: Optional[Union[str, Iterable[str]]]) -> list[str]:
-  """"python,cpp" / ["Python", "C++"] / None (all six) -> HumanEval-X keys in dataset order."""
+  """ "python,cpp" / ["Python", "C++"] / None (all six) -> HumanEval-X keys in dataset order."""
   if spec is None:
     return [l.humaneval for l in languages.humaneval_languages()]
   items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -72,8 +74,9 @@ def data_file(data_dir: Union[str, pathlib.Path], key: str) -> pathlib.Path:
   raise InputError(f"no humaneval_{key}.jsonl.gz in {d}")
 
 
-def load_language(data_dir: Union[str, pathlib.Path], language: Union[str, Language]
-                  ) -> dict[str, Problem]:
+def load_language(
+  data_dir: Union[str, pathlib.Path], language: Union[str, Language]
+) -> dict[str, Problem]:
   """Loads one language's problems: {task_id: Problem}, in file order."""
   key = language_of(language).humaneval
   path = data_file(data_dir, key)
@@ -81,28 +84,34 @@ def load_language(data_dir: Union[str, pathlib.Path], language: Union[str, Langu
   for lineno, row in fileio.iter_jsonl(path):
     try:
       problem = Problem(
-          task_id=row["task_id"], language=key, prompt=row["prompt"],
-          declaration=row["declaration"], canonical_solution=row["canonical_solution"],
-          test=row["test"], example_test=row.get("example_test") or "",
-          extra=tuple(sorted((k, v) for k, v in row.items()
-                             if k not in _CORE and isinstance(v, str))))
+        task_id=row["task_id"],
+        language=key,
+        prompt=row["prompt"],
+        declaration=row["declaration"],
+        canonical_solution=row["canonical_solution"],
+        test=row["test"],
+        example_test=row.get("example_test") or "",
+        extra=tuple(
+          sorted((k, v) for k, v in row.items() if k not in _CORE and isinstance(v, str))
+        ),
+      )
     except (KeyError, TypeError, AttributeError) as e:
-      raise InputError(
-          f"{path}:{lineno}: malformed problem ({type(e).__name__}: {e})") from None
+      raise InputError(f"{path}:{lineno}: malformed problem ({type(e).__name__}: {e})") from None
     out[problem.task_id] = problem
   if not out:
     raise InputError(f"{path} holds no problems")
   return out
 
 
-def load(data_dir: Union[str, pathlib.Path], langs: Optional[Iterable[str]] = None
-         ) -> dict[str, dict[str, Problem]]:
+def load(
+  data_dir: Union[str, pathlib.Path], langs: Optional[Iterable[str]] = None
+) -> dict[str, dict[str, Problem]]:
   """Loads several languages: {key: {task_id: Problem}} (all six when `langs` is None)."""
   return {k: load_language(data_dir, k) for k in parse_languages(langs)}
 
 
 def task_language(task_id: str) -> str:
-  """"CPP/3" -> "cpp" (the task id prefix is the registry name, or CPP for C++)."""
+  """ "CPP/3" -> "cpp" (the task id prefix is the registry name, or CPP for C++)."""
   prefix = task_id.split("/", 1)[0]
   if "/" not in task_id:
     raise InputError(f"malformed task_id {task_id!r} (expected e.g. 'Python/0')")
@@ -117,6 +126,7 @@ def task_id_for(language: str, number: int) -> str:
 
 
 # -- prompts -----------------------------------------------------------------------------------
+
 
 def problem_text(problem: Problem) -> str:
   """The code the model continues for generation (without tag): the dataset prompt.
@@ -141,11 +151,22 @@ def translation_prompt(source: Problem, target: Problem) -> str:
   <tgt.declaration>" with display names from the registry (Python, C++, Java, ...); no tag.
   """
   if source.number != target.number:
-    raise InputError(f"translation pair of different problems: {source.task_id} -> "
-                     f"{target.task_id}")
+    raise InputError(
+      f"translation pair of different problems: {source.task_id} -> {target.task_id}"
+    )
   src, tgt = language_of(source.language), language_of(target.language)
-  return ("code translation\n" + src.name + ":\n" + source.declaration + "\n"
-          + source.canonical_solution.rstrip() + "\n" + tgt.name + ":\n" + target.declaration)
+  return (
+    "code translation\n"
+    + src.name
+    + ":\n"
+    + source.declaration
+    + "\n"
+    + source.canonical_solution.rstrip()
+    + "\n"
+    + tgt.name
+    + ":\n"
+    + target.declaration
+  )
 
 
 def translation_pairs(langs: Optional[Iterable[str]] = None) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ On timeout the whole process group is killed; the sandbox's PID namespace dies w
 (`--die-with-parent`), which takes any process that escaped the group (setsid) with it, and in root
 mode every leftover process of the dedicated uid is killed as well.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,27 +42,29 @@ _TAIL_BYTES = 8192
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """Resource limits of one sandboxed command."""
-  timeout_s: float               # wall clock; the process group is killed after it
-  cpu_s: int = 60                # RLIMIT_CPU per process (backstop for the wall clock)
-  data_bytes: int = 2 << 30      # RLIMIT_DATA
-  as_bytes: Optional[int] = None   # RLIMIT_AS (not for JVM / Go / node, which reserve lots)
-  nproc: int = 256               # RLIMIT_NPROC (processes + threads of the uid)
-  fsize_bytes: int = 16 << 20    # RLIMIT_FSIZE: any file written, stdout/stderr included
-  tmpfs_bytes: int = 64 << 20    # size of the private /tmp
+
+  timeout_s: float  # wall clock; the process group is killed after it
+  cpu_s: int = 60  # RLIMIT_CPU per process (backstop for the wall clock)
+  data_bytes: int = 2 << 30  # RLIMIT_DATA
+  as_bytes: Optional[int] = None  # RLIMIT_AS (not for JVM / Go / node, which reserve lots)
+  nproc: int = 256  # RLIMIT_NPROC (processes + threads of the uid)
+  fsize_bytes: int = 16 << 20  # RLIMIT_FSIZE: any file written, stdout/stderr included
+  tmpfs_bytes: int = 64 << 20  # size of the private /tmp
   nofile: int = 1024
 
 
 @dataclasses.dataclass
 class Outcome:
   """What happened to one sandboxed command."""
-  returncode: Optional[int]      # None when killed on timeout; negative: killed by that signal
+
+  returncode: Optional[int]  # None when killed on timeout; negative: killed by that signal
   timed_out: bool
-  stdout: str                    # the last _TAIL_BYTES of each stream
+  stdout: str  # the last _TAIL_BYTES of each stream
   stderr: str
   stdout_bytes: int
   stderr_bytes: int
   duration_s: float
-  output_limited: bool           # a stream reached the file-size limit
+  output_limited: bool  # a stream reached the file-size limit
 
   @property
   def signal(self) -> Optional[int]:
@@ -109,19 +112,55 @@ class Sandbox:
     ro_paths: host paths the commands need (interpreters, toolchains, prebuilt crates), made
       visible read-only at the same path.
   """
+
   ro_paths: Sequence[str] = ()
 
-  def _argv(self, argv: Sequence[str], workdir: str, workdir_writable: bool, uid: Optional[int],
-            env: Mapping[str, str], limits: Limits, rw_paths: Sequence[str]) -> list[str]:
-    lim = [f"--cpu={limits.cpu_s}", f"--data={limits.data_bytes}", f"--nproc={limits.nproc}",
-           f"--fsize={limits.fsize_bytes}", "--core=0", f"--nofile={limits.nofile}"]
+  def _argv(
+    self,
+    argv: Sequence[str],
+    workdir: str,
+    workdir_writable: bool,
+    uid: Optional[int],
+    env: Mapping[str, str],
+    limits: Limits,
+    rw_paths: Sequence[str],
+  ) -> list[str]:
+    lim = [
+      f"--cpu={limits.cpu_s}",
+      f"--data={limits.data_bytes}",
+      f"--nproc={limits.nproc}",
+      f"--fsize={limits.fsize_bytes}",
+      "--core=0",
+      f"--nofile={limits.nofile}",
+    ]
     if limits.as_bytes:
       lim.append(f"--as={limits.as_bytes}")
-    cmd = ["prlimit", *lim, "--", bwrap_path() or "bwrap",
-           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-           "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
-           # /dev/shm would otherwise be an uncapped tmpfs: memory outside RLIMIT_DATA.
-           "--perms", "1777", "--size", str(1 << 20), "--tmpfs", "/dev/shm"]
+    cmd = [
+      "prlimit",
+      *lim,
+      "--",
+      bwrap_path() or "bwrap",
+      "--ro-bind",
+      "/",
+      "/",
+      "--dev",
+      "/dev",
+      "--proc",
+      "/proc",
+      "--perms",
+      "1777",
+      "--size",
+      str(limits.tmpfs_bytes),
+      "--tmpfs",
+      "/tmp",
+      # /dev/shm would otherwise be an uncapped tmpfs: memory outside RLIMIT_DATA.
+      "--perms",
+      "1777",
+      "--size",
+      str(1 << 20),
+      "--tmpfs",
+      "/dev/shm",
+    ]
     root = uid is not None
     paths = [(p, False) for p in self.ro_paths] + [(p, True) for p in rw_paths]
     if root:
@@ -145,26 +184,65 @@ class Sandbox:
       for p, rw in paths:
         if rw:
           cmd += ["--bind", p, p]
-    cmd += ["--bind" if workdir_writable else "--ro-bind", workdir, WORKDIR, "--chdir", WORKDIR,
-            "--die-with-parent", "--new-session", "--clearenv"]
-    base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp",
-                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    cmd += [
+      "--bind" if workdir_writable else "--ro-bind",
+      workdir,
+      WORKDIR,
+      "--chdir",
+      WORKDIR,
+      "--die-with-parent",
+      "--new-session",
+      "--clearenv",
+    ]
+    base_env = {
+      "PATH": "/usr/local/bin:/usr/bin:/bin",
+      "HOME": "/tmp",
+      "TMPDIR": "/tmp",
+      "LANG": "C.UTF-8",
+      "LC_ALL": "C.UTF-8",
+    }
     for k, v in {**base_env, **env}.items():
       cmd += ["--setenv", k, v]
     if root:
       # bwrap (as root) sets up the mounts; setpriv then drops to the dedicated uid, which can
       # neither read root's files nor keep any capability.
-      cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-              "--unshare-cgroup-try", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--",
-              "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-              "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
+      cmd += [
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--cap-add",
+        "CAP_SETUID",
+        "--cap-add",
+        "CAP_SETGID",
+        "--",
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--no-new-privs",
+        "--",
+      ]
     else:
       cmd += ["--unshare-all", "--uid", "65534", "--gid", "65534", "--"]
     return cmd + list(argv)
 
-  def run(self, argv: Sequence[str], *, workdir: str, limits: Limits, uid: Optional[int] = None,
-          env: Optional[Mapping[str, str]] = None, workdir_writable: bool = False,
-          rw_paths: Sequence[str] = (), umask: int = 0o022, sweep_uid: bool = False) -> Outcome:
+  def run(
+    self,
+    argv: Sequence[str],
+    *,
+    workdir: str,
+    limits: Limits,
+    uid: Optional[int] = None,
+    env: Optional[Mapping[str, str]] = None,
+    workdir_writable: bool = False,
+    rw_paths: Sequence[str] = (),
+    umask: int = 0o022,
+    sweep_uid: bool = False,
+  ) -> Outcome:
     """Runs `argv` (paths as seen inside: the work dir is WORKDIR) and waits for it.
 
     Args:
@@ -180,8 +258,15 @@ class Sandbox:
       start = time.monotonic()
       timed_out = False
       with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, close_fds=True, umask=umask)
+        proc = subprocess.Popen(
+          cmd,
+          stdin=subprocess.DEVNULL,
+          stdout=out,
+          stderr=err,
+          start_new_session=True,
+          close_fds=True,
+          umask=umask,
+        )
         try:
           rc: Optional[int] = proc.wait(timeout=limits.timeout_s)
         except subprocess.TimeoutExpired:
@@ -189,16 +274,22 @@ class Sandbox:
           rc = None
           kill_group(proc)
         finally:
-          if proc.poll() is None:   # interrupted (KeyboardInterrupt): leave nothing behind
+          if proc.poll() is None:  # interrupted (KeyboardInterrupt): leave nothing behind
             kill_group(proc)
       duration = time.monotonic() - start
       if uid is not None and sweep_uid:
         kill_uid(uid)
       o_bytes, e_bytes = os.path.getsize(out_path), os.path.getsize(err_path)
-      return Outcome(returncode=rc, timed_out=timed_out, stdout=_tail(out_path),
-                     stderr=_tail(err_path), stdout_bytes=o_bytes, stderr_bytes=e_bytes,
-                     duration_s=duration,
-                     output_limited=max(o_bytes, e_bytes) >= limits.fsize_bytes)
+      return Outcome(
+        returncode=rc,
+        timed_out=timed_out,
+        stdout=_tail(out_path),
+        stderr=_tail(err_path),
+        stdout_bytes=o_bytes,
+        stderr_bytes=e_bytes,
+        duration_s=duration,
+        output_limited=max(o_bytes, e_bytes) >= limits.fsize_bytes,
+      )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -247,8 +338,9 @@ def probe() -> Optional[str]:
   else:
     with tempfile.TemporaryDirectory() as d:
       os.chmod(d, 0o755)
-      out = Sandbox().run(["/bin/true"], workdir=d, limits=Limits(timeout_s=20),
-                          uid=61999 if is_root() else None)
+      out = Sandbox().run(
+        ["/bin/true"], workdir=d, limits=Limits(timeout_s=20), uid=61999 if is_root() else None
+      )
       if out.returncode != 0:
         reason = f"bubblewrap cannot start a sandbox here: {out.stderr.strip()[:200]}"
   _PROBED["reason"] = reason

@@ -14,6 +14,7 @@ $GEEX_EVAL_CACHE; `scripts/install_toolchains.sh` uses the same place):
   results/                   the verdict cache (the CLI's default --cache-dir)
 Everything here is built by the evaluator on first use (under a file lock) except js-md5.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,6 +31,7 @@ import subprocess
 import sys
 from typing import Optional
 
+from geex_jax import fileio
 from geex_jax.humaneval_x.sandbox import Limits
 
 GOPATH = "/usr/share/gocode"
@@ -38,8 +40,13 @@ GIB = 1 << 30
 
 # JVM start-up flags: client compiler only, serial GC, class-data sharing, no perf file: the
 # programs are tiny, so start-up dominates.
-JVM_FLAGS = ["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Xshare:auto", "-XX:-UsePerfData",
-             "-Xmx1g"]
+JVM_FLAGS = [
+  "-XX:TieredStopAtLevel=1",
+  "-XX:+UseSerialGC",
+  "-Xshare:auto",
+  "-XX:-UsePerfData",
+  "-Xmx1g",
+]
 
 
 def default_toolchain_dir() -> pathlib.Path:
@@ -77,13 +84,20 @@ class ToolchainError(RuntimeError):
 @dataclasses.dataclass
 class Driver:
   """Compile/run recipe of one language. Subclasses fill in the details."""
+
   toolchain_dir: pathlib.Path
   key: str = ""
   filename: str = ""
   compiled: bool = True
   run_limits: Limits = Limits(timeout_s=10)
-  compile_limits: Limits = Limits(timeout_s=60, cpu_s=120, data_bytes=4 * GIB, nproc=4096,
-                                  fsize_bytes=512 << 20, tmpfs_bytes=256 << 20)
+  compile_limits: Limits = Limits(
+    timeout_s=60,
+    cpu_s=120,
+    data_bytes=4 * GIB,
+    nproc=4096,
+    fsize_bytes=512 << 20,
+    tmpfs_bytes=256 << 20,
+  )
 
   def missing(self) -> Optional[str]:
     """None when the toolchain is installed, else what is missing (a skip reason)."""
@@ -146,6 +160,7 @@ class PythonDriver(Driver):
 
   def fingerprint(self):
     import numpy
+
     return f"{sys.version} numpy {numpy.__version__}"
 
   def ro_paths(self):
@@ -157,8 +172,13 @@ class PythonDriver(Driver):
 
   def run_env(self):
     # One BLAS thread: each thread counts against the process limit and reserves memory.
-    return {"PYTHONPATH": self._interp[2], "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+      "PYTHONPATH": self._interp[2],
+      "PYTHONHASHSEED": "0",
+      "OPENBLAS_NUM_THREADS": "1",
+      "OMP_NUM_THREADS": "1",
+      "MKL_NUM_THREADS": "1",
+    }
 
 
 @dataclasses.dataclass
@@ -167,7 +187,7 @@ class CppDriver(Driver):
   filename: str = "main.cpp"
 
   def missing(self):
-    if (m := _which_all("g++")):
+    if m := _which_all("g++"):
       return m
     if not os.path.exists("/usr/include/boost/version.hpp"):
       return "Boost headers (libboost-dev) not installed"
@@ -183,11 +203,13 @@ class CppDriver(Driver):
     """assembly.CPP_HEADER as a header with a precompiled .gch beside it (4x less compile CPU:
     the standard headers are parsed once, not per program)."""
     from geex_jax.humaneval_x.assembly import CPP_HEADER
+
     tag = hashlib.sha256((self.fingerprint() + CPP_HEADER).encode()).hexdigest()[:16]
     return self.toolchain_dir / "cpp" / tag / "geex_prelude.h"
 
   def prepare(self):
     from geex_jax.humaneval_x.assembly import CPP_HEADER
+
     gch = self.prelude.with_suffix(".h.gch")
     if gch.is_file():
       return
@@ -196,24 +218,30 @@ class CppDriver(Driver):
         return
       self.prelude.parent.mkdir(parents=True, exist_ok=True)
       self.prelude.write_text(CPP_HEADER)
-      tmp = gch.with_suffix(".tmp")
-      # Same language flags as the programs, or g++ ignores the .gch (and parses the header).
-      out = subprocess.run(["g++", *self.STD, "-x", "c++-header", str(self.prelude), "-o",
-                            str(tmp)], capture_output=True, text=True, timeout=600)
-      if out.returncode == 0:   # without it g++ parses the header each time: slower, same result
-        tmp.rename(gch)
+      with fileio.atomic_path(gch) as tmp:
+        # Same language flags as the programs, or g++ ignores the .gch (and parses the header).
+        out = subprocess.run(
+          ["g++", *self.STD, "-x", "c++-header", str(self.prelude), "-o", tmp],
+          capture_output=True,
+          text=True,
+          timeout=600,
+        )
+        if out.returncode != 0 and os.path.exists(tmp):
+          os.unlink(tmp)  # without a .gch g++ parses the header each time: slower, same result
 
   STD = ("-std=c++11",)
 
   def _with_prelude(self, source: str) -> bool:
     from geex_jax.humaneval_x.assembly import CPP_HEADER
+
     return source.startswith(CPP_HEADER) and self.prelude.with_suffix(".h.gch").is_file()
 
   def file_text(self, source):
     from geex_jax.humaneval_x.assembly import CPP_HEADER
+
     # `-include prelude.h` is the header as the program's first line: same program, but the
     # precompiled form is used.
-    return source[len(CPP_HEADER):] if self._with_prelude(source) else source
+    return source[len(CPP_HEADER) :] if self._with_prelude(source) else source
 
   def ro_paths(self):
     return [str(self.prelude.parent)]
@@ -257,15 +285,24 @@ class JavaDriver(Driver):
         return
       jsa.parent.mkdir(parents=True, exist_ok=True)
       (jsa.parent / "Hello.java").write_text(
-          "import java.util.*;\nclass Hello { public static void main(String[] a) {\n"
-          "  List<Integer> l = new ArrayList<>(Arrays.asList(3, 1, 2)); Collections.sort(l);\n"
-          "  System.out.println(l); } }\n")
-      tmp = jsa.with_suffix(".tmp")
-      subprocess.run(["javac", *("-J" + f for f in JVM_FLAGS if f != "-Xshare:auto"),
-                      f"-J-XX:ArchiveClassesAtExit={tmp}", "-d", str(jsa.parent),
-                      str(jsa.parent / "Hello.java")], capture_output=True, timeout=600)
-      if tmp.is_file():   # without an archive javac still works, only slower
-        tmp.rename(jsa)
+        "import java.util.*;\nclass Hello { public static void main(String[] a) {\n"
+        "  List<Integer> l = new ArrayList<>(Arrays.asList(3, 1, 2)); Collections.sort(l);\n"
+        "  System.out.println(l); } }\n"
+      )
+      # No archive written: jsa stays absent; javac still works without it, only slower.
+      with fileio.atomic_path(jsa) as tmp:
+        subprocess.run(
+          [
+            "javac",
+            *("-J" + f for f in JVM_FLAGS if f != "-Xshare:auto"),
+            f"-J-XX:ArchiveClassesAtExit={tmp}",
+            "-d",
+            str(jsa.parent),
+            str(jsa.parent / "Hello.java"),
+          ],
+          capture_output=True,
+          timeout=600,
+        )
 
   def ro_paths(self):
     return [str(self.javac_archive.parent)]
@@ -274,8 +311,16 @@ class JavaDriver(Driver):
     flags = list(JVM_FLAGS)
     if self.javac_archive.is_file():
       flags.append(f"-XX:SharedArchiveFile={self.javac_archive}")
-    return ["javac", *("-J" + f for f in flags), "-encoding", "UTF-8", "-nowarn", "-d", ".",
-            self.filename]
+    return [
+      "javac",
+      *("-J" + f for f in flags),
+      "-encoding",
+      "UTF-8",
+      "-nowarn",
+      "-d",
+      ".",
+      self.filename,
+    ]
 
   def run_argv(self):
     return ["java", *JVM_FLAGS, "-cp", ".", "Main"]
@@ -292,7 +337,7 @@ class JsDriver(Driver):
     return self.toolchain_dir / "node" / "node_modules"
 
   def missing(self):
-    if (m := _which_all("node")):
+    if m := _which_all("node"):
       return m
     if not (self.node_modules / "js-md5" / "package.json").is_file():
       return f"npm package js-md5 not installed in {self.node_modules}"
@@ -326,7 +371,7 @@ class GoDriver(Driver):
     return self.toolchain_dir / "go-build"
 
   def missing(self):
-    if (m := _which_all("go")):
+    if m := _which_all("go"):
       return m
     if not os.path.isdir(f"{GOPATH}/src/github.com/stretchr/testify"):
       return "testify (golang-github-stretchr-testify-dev) not installed"
@@ -345,8 +390,15 @@ class GoDriver(Driver):
     return [str(self.cache)]
 
   def compile_env(self):
-    return {"GOPATH": GOPATH, "GO111MODULE": "off", "GOFLAGS": "", "GOCACHE": str(self.cache),
-            "CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOTELEMETRY": "off"}
+    return {
+      "GOPATH": GOPATH,
+      "GO111MODULE": "off",
+      "GOFLAGS": "",
+      "GOCACHE": str(self.cache),
+      "CGO_ENABLED": "0",
+      "GOTOOLCHAIN": "local",
+      "GOTELEMETRY": "off",
+    }
 
   def compile_argv(self, source):
     # vet is off: a vet complaint is not a wrong answer, and it doubles the compile time.
@@ -388,14 +440,17 @@ pub mod prelude {
 '''
 
 
-SHIM_MANIFEST = ('[package]\nname = "rand"\nversion = "0.4.6"\nedition = "2021"\n\n'
-                 '[dependencies]\nrand08 = { package = "rand", version = "0.8" }\n')
+SHIM_MANIFEST = (
+  '[package]\nname = "rand"\nversion = "0.4.6"\nedition = "2021"\n\n'
+  '[dependencies]\nrand08 = { package = "rand", version = "0.8" }\n'
+)
 DEPS_MANIFEST = (
-    '[package]\nname = "geexdeps"\nversion = "0.1.0"\nedition = "2021"\n\n[dependencies]\n'
-    'rand = { path = "../shim" }\nmd5 = "0.7"\n'
-    # Debian packages regex without its optional perf-literal crates (aho-corasick, memchr).
-    'regex = { version = "1", default-features = false, features = ["std", "unicode", '
-    '"perf-cache", "perf-dfa", "perf-inline"] }\n')
+  '[package]\nname = "geexdeps"\nversion = "0.1.0"\nedition = "2021"\n\n[dependencies]\n'
+  'rand = { path = "../shim" }\nmd5 = "0.7"\n'
+  # Debian packages regex without its optional perf-literal crates (aho-corasick, memchr).
+  'regex = { version = "1", default-features = false, features = ["std", "unicode", '
+  '"perf-cache", "perf-dfa", "perf-inline"] }\n'
+)
 
 
 @dataclasses.dataclass
@@ -410,8 +465,9 @@ class RustDriver(Driver):
     if not os.path.exists(rustc):
       return None
     try:
-      out = subprocess.run([rustc, "--print", "sysroot"], capture_output=True, text=True,
-                           timeout=60)
+      out = subprocess.run(
+        [rustc, "--print", "sysroot"], capture_output=True, text=True, timeout=60
+      )
     except (OSError, subprocess.TimeoutExpired):
       return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -439,8 +495,14 @@ class RustDriver(Driver):
   @functools.cached_property
   def _fingerprint(self) -> str:
     crates = sorted(p.name for p in pathlib.Path(CARGO_REGISTRY).glob("*-[0-9]*"))
-    text = (_version([self.rustc, "-vV"]) + " " + " ".join(crates) + RAND_SHIM + SHIM_MANIFEST
-            + DEPS_MANIFEST)
+    text = (
+      _version([self.rustc, "-vV"])
+      + " "
+      + " ".join(crates)
+      + RAND_SHIM
+      + SHIM_MANIFEST
+      + DEPS_MANIFEST
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
   def fingerprint(self):
@@ -471,14 +533,24 @@ class RustDriver(Driver):
       (root / "deps" / "Cargo.toml").write_text(DEPS_MANIFEST)
       (root / "deps" / "src" / "lib.rs").write_text("")
       (root / "deps" / ".cargo" / "config.toml").write_text(
-          '[source.crates-io]\nreplace-with = "debian"\n\n[source.debian]\n'
-          f'directory = "{CARGO_REGISTRY}"\n\n[net]\noffline = true\n')
-      env = {**os.environ, "CARGO_HOME": str(root / "cargo-home"), "RUSTC": self.rustc,
-             "CARGO_TARGET_DIR": str(root / "target")}
+        '[source.crates-io]\nreplace-with = "debian"\n\n[source.debian]\n'
+        f'directory = "{CARGO_REGISTRY}"\n\n[net]\noffline = true\n'
+      )
+      env = {
+        **os.environ,
+        "CARGO_HOME": str(root / "cargo-home"),
+        "RUSTC": self.rustc,
+        "CARGO_TARGET_DIR": str(root / "target"),
+      }
       env.pop("RUSTFLAGS", None)
-      out = subprocess.run([self.cargo, "build", "--offline", "--message-format=json"],
-                           cwd=root / "deps", env=env, capture_output=True, text=True,
-                           timeout=1200)
+      out = subprocess.run(
+        [self.cargo, "build", "--offline", "--message-format=json"],
+        cwd=root / "deps",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+      )
       if out.returncode != 0:
         raise ToolchainError("building the Rust crates failed: " + out.stderr.strip()[-2000:])
       externs: dict[str, str] = {}
@@ -492,24 +564,35 @@ class RustDriver(Driver):
         name = msg["target"]["name"]
         # Our shim is the path dependency named rand; Debian's rand 0.8 stays a transitive dep.
         is_shim = name == "rand" and "shim" in msg.get("manifest_path", "")
-        if (name in ("regex", "md5") or is_shim):
+        if name in ("regex", "md5") or is_shim:
           rlibs = [f for f in msg["filenames"] if f.endswith(".rlib")]
           if rlibs:
             externs[name] = rlibs[0]
       if set(externs) != set(self.crates):
         raise ToolchainError(f"Rust crates built but not found: {sorted(externs)}")
       externs["_deps"] = str(root / "target" / "debug" / "deps")
-      tmp = root / "externs.json.tmp"
-      tmp.write_text(json.dumps(externs, indent=1))
-      tmp.rename(root / "externs.json")
+      fileio.write_atomic(root / "externs.json", json.dumps(externs, indent=1))
 
   def ro_paths(self):
     return [self.sysroot, str(self.deps_root)]
 
   def compile_argv(self, source):
     ex = self.externs
-    argv = [self.rustc, "--edition", "2021", "--test", "-C", "debuginfo=0", "--cap-lints",
-            "allow", "-o", "main", self.filename, "-L", f"dependency={ex['_deps']}"]
+    argv = [
+      self.rustc,
+      "--edition",
+      "2021",
+      "--test",
+      "-C",
+      "debuginfo=0",
+      "--cap-lints",
+      "allow",
+      "-o",
+      "main",
+      self.filename,
+      "-L",
+      f"dependency={ex['_deps']}",
+    ]
     for crate in self.crates:
       argv += ["--extern", f"{crate}={ex[crate]}"]
     return argv
@@ -518,18 +601,26 @@ class RustDriver(Driver):
     return ["./main", "--test-threads=1", "-q"]
 
 
-DRIVERS = {d.key: d for d in (PythonDriver, CppDriver, JavaDriver, JsDriver, GoDriver,
-                                 RustDriver)}
+DRIVERS = {d.key: d for d in (PythonDriver, CppDriver, JavaDriver, JsDriver, GoDriver, RustDriver)}
 
 
-def make_driver(key: str, toolchain_dir: pathlib.Path, run_timeout_s: float,
-                compile_timeout_s: float, memory_bytes: Optional[int] = None) -> Driver:
+def make_driver(
+  key: str,
+  toolchain_dir: pathlib.Path,
+  run_timeout_s: float,
+  compile_timeout_s: float,
+  memory_bytes: Optional[int] = None,
+) -> Driver:
   """The driver of HumanEval-X language `key` with the given timeouts (and run memory limit)."""
   cls = DRIVERS[key]
   d = cls(toolchain_dir=pathlib.Path(toolchain_dir))
-  d.run_limits = dataclasses.replace(d.run_limits, timeout_s=run_timeout_s,
-                                     cpu_s=int(run_timeout_s * 2) + 5,
-                                     data_bytes=memory_bytes or d.run_limits.data_bytes)
-  d.compile_limits = dataclasses.replace(d.compile_limits, timeout_s=compile_timeout_s,
-                                         cpu_s=int(compile_timeout_s * 2) + 5)
+  d.run_limits = dataclasses.replace(
+    d.run_limits,
+    timeout_s=run_timeout_s,
+    cpu_s=int(run_timeout_s * 2) + 5,
+    data_bytes=memory_bytes or d.run_limits.data_bytes,
+  )
+  d.compile_limits = dataclasses.replace(
+    d.compile_limits, timeout_s=compile_timeout_s, cpu_s=int(compile_timeout_s * 2) + 5
+  )
   return d

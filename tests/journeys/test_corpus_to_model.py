@@ -5,13 +5,13 @@ mid-run -> the rerun resumes and ends identical to an uninterrupted run -> `geex
 run dir -> round trip through the released layout -> fine-tune from it (runs/finetune.gin,
 INIT_FROM).
 """
+
 import json
 import os
 import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import sysconfig
 import time
 
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from geex_jax import checkpoints
+from geex_jax.model import checkpoints
 
 from journey_tools import run_ok, script
 
@@ -29,13 +29,22 @@ STEPS = 24
 
 
 def train_args(model_dir, corpus, tokenizer_dir, *extra):
-  return ["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin",
-          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.CORPUS_DIR='{corpus}'",
-          f"--gin.TOKENIZER_DIR='{tokenizer_dir}'", "--gin.BATCH_SIZE=8",
-          "--gin.SEQUENCE_LENGTH=64", f"--gin.TRAIN_STEPS={STEPS}",
-          "--gin.train.checkpoint_every=4", "--gin.learning_rate_schedule.warmup_steps=4",
-          "--gin.learning_rate_schedule.peak=1e-3", "--gin.train.progress=False",
-          "--gin.train.tensorboard=False", *extra]
+  return [
+    "--gin_file=models/tiny.gin",
+    "--gin_file=runs/pretrain.gin",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    f"--gin.CORPUS_DIR='{corpus}'",
+    f"--gin.TOKENIZER_DIR='{tokenizer_dir}'",
+    "--gin.BATCH_SIZE=8",
+    "--gin.SEQUENCE_LENGTH=64",
+    f"--gin.TRAIN_STEPS={STEPS}",
+    "--gin.train.checkpoint_every=4",
+    "--gin.learning_rate_schedule.warmup_steps=4",
+    "--gin.learning_rate_schedule.peak=1e-3",
+    "--gin.train.progress=False",
+    "--gin.train.tensorboard=False",
+    *extra,
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +54,12 @@ def corpus(tmp_path_factory):
   src = root / "src"
   stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
   for package in ("json", "email"):
-    shutil.copytree(stdlib / package, src / package,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-  (src / "sum.c").write_text("\n".join(
-      f"int add_{i}(int a, int b) {{\n    return a + b + {i};\n}}\n" for i in range(60)))
+    shutil.copytree(
+      stdlib / package, src / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+  (src / "sum.c").write_text(
+    "\n".join(f"int add_{i}(int a, int b) {{\n    return a + b + {i};\n}}\n" for i in range(60))
+  )
   out = root / "corpus"
   run_ok("geex-data", "build", "--src", src, "--out", out, "--no-progress")
   manifest = json.loads((out / "manifest.json").read_text())
@@ -78,12 +89,12 @@ def straight(corpus, tokenizer_dir, tmp_path_factory):
   return model_dir
 
 
-def test_kill_9_then_rerun_equals_the_uninterrupted_run(straight, corpus, tokenizer_dir,
-                                                        tmp_path):
+def test_kill_9_then_rerun_equals_the_uninterrupted_run(straight, corpus, tokenizer_dir, tmp_path):
   model_dir = tmp_path / "run"
   args = [script("geex-train"), *train_args(model_dir, corpus, tokenizer_dir)]
-  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+    args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+  )
   try:
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -105,25 +116,44 @@ def test_kill_9_then_rerun_equals_the_uninterrupted_run(straight, corpus, tokeni
     np.testing.assert_array_equal(a, b)
   # The log reads like one run: every step once, in order, with the same losses.
   assert metrics_steps(model_dir) == list(range(1, STEPS + 1))
-  losses = lambda d: [json.loads(line)["loss"]  # noqa: E731
-                      for line in (d / "metrics.jsonl").read_text().splitlines()]
+  losses = lambda d: [
+    json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
+  ]
   assert losses(model_dir) == losses(straight)
 
 
-def test_sample_the_run_then_fine_tune_from_its_released_layout(straight, corpus, tokenizer_dir,
-                                                                tmp_path):
-  r = run_ok("geex-sample", "--checkpoint", straight, "--tokenizer", tokenizer_dir,
-             "--prompt", "import json\n", "--language", "python", "--max_new_tokens", 16)
+def test_sample_the_run_then_fine_tune_from_its_released_layout(
+  straight, corpus, tokenizer_dir, tmp_path
+):
+  r = run_ok(
+    "geex-sample",
+    "--checkpoint",
+    straight,
+    "--tokenizer",
+    tokenizer_dir,
+    "--prompt",
+    "import json\n",
+    "--language",
+    "python",
+    "--max_new_tokens",
+    16,
+  )
   assert "1 completions" in r.stderr
   released = tmp_path / "released" / "model.pt"
   run_ok("geex-convert", "jax-to-torch", straight, released, "--dtype", "fp32")
   ckpt = tmp_path / "ckpt" / "from_release"
   run_ok("geex-convert", "torch-to-jax", released, ckpt, "--dtype", "fp32", "--verify")
   ft = tmp_path / "ft"
-  r = run_ok("geex-train", "--gin_file=models/tiny.gin", "--gin_file=runs/finetune.gin",
-             *train_args(ft, corpus, tokenizer_dir)[2:], f"--gin.INIT_FROM='{ckpt}'",
-             "--gin.TRAIN_STEPS=2", "--gin.train.checkpoint_every=2")
+  r = run_ok(
+    "geex-train",
+    "--gin_file=models/tiny.gin",
+    "--gin_file=runs/finetune.gin",
+    *train_args(ft, corpus, tokenizer_dir)[2:],
+    f"--gin.INIT_FROM='{ckpt}'",
+    "--gin.TRAIN_STEPS=2",
+    "--gin.train.checkpoint_every=2",
+  )
   assert "params from" in r.stdout + r.stderr
-  first = lambda d: json.loads((d / "metrics.jsonl").read_text().splitlines()[0])["loss"]  # noqa
+  first = lambda d: json.loads((d / "metrics.jsonl").read_text().splitlines()[0])["loss"]
   # Starting from the trained params, the fine-tune's first loss is far below a fresh model's.
   assert first(ft) < first(straight) - 1.0

@@ -1,5 +1,6 @@
 """Packaging: pyproject.toml declares exactly what the code imports, and a non-editable
 `pip install .` gives console scripts that find their gin configs."""
+
 import ast
 import importlib.metadata
 import os
@@ -38,16 +39,16 @@ def imported_distributions() -> dict[str, set[str]]:
           if top in stdlib or top in PACKAGE_DIRS or top == "__future__":
             continue
           for dist in to_dist.get(top, [top]):
-            found.setdefault(dist.lower().replace("_", "-"), set()).add(
-                str(path.relative_to(REPO)))
+            found.setdefault(dist.lower().replace("_", "-"), set()).add(str(path.relative_to(REPO)))
   return found
 
 
 def test_dependencies_are_what_the_code_imports():
   project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
   declared = {_requirement_name(r) for r in project["dependencies"]}
-  optional = {_requirement_name(r) for reqs in project["optional-dependencies"].values()
-              for r in reqs}
+  optional = {
+    _requirement_name(r) for reqs in project["optional-dependencies"].values() for r in reqs
+  }
   used = imported_distributions()
   # Test support that ships in the library (moves out with the redesign, issue 14).
   used.pop("pytest", None)
@@ -63,23 +64,71 @@ def test_dependencies_are_what_the_code_imports():
 def test_non_editable_install_finds_its_gin_configs(tmp_path):
   wheels, target = tmp_path / "wheels", tmp_path / "site"
   pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-  subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, REPO],
-                 check=True, capture_output=True, cwd=tmp_path)
+  subprocess.run(
+    [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, REPO],
+    check=True,
+    capture_output=True,
+    cwd=tmp_path,
+  )
   wheel = next(wheels.glob("geex_jax-*.whl"))
-  subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True,
-                 capture_output=True)
+  subprocess.run(
+    [*pip, "install", "--no-deps", "--target", target, wheel], check=True, capture_output=True
+  )
   env = {**os.environ, "PYTHONPATH": str(target)}
   # The installed copy is the one imported (not the checkout), from a folder outside the repo.
-  where = subprocess.run([sys.executable, "-c", "import geex_jax; print(geex_jax.__file__)"],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+  where = subprocess.run(
+    [sys.executable, "-c", "import geex_jax; print(geex_jax.__file__)"],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   assert where.stdout.startswith(str(target))
   run = tmp_path / "run"
   r = subprocess.run(
-      [str(target / "bin" / "geex-train"), "--gin_file=models/tiny.gin",
-       "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR='{run}'", "--gin.CORPUS_DIR=None",
-       "--gin.train.data_source=@synthetic_batches", "--gin.synthetic_batches.vocab_size=512",
-       "--gin.VOCAB_SIZE=512", "--gin.BATCH_SIZE=8", "--gin.SEQUENCE_LENGTH=16",
-       "--gin.TRAIN_STEPS=1", "--gin.train.progress=False", "--gin.train.tensorboard=False"],
-      env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    [
+      str(target / "bin" / "geex-train"),
+      "--gin_file=models/tiny.gin",
+      "--gin_file=runs/pretrain.gin",
+      f"--gin.MODEL_DIR='{run}'",
+      "--gin.CORPUS_DIR=None",
+      "--gin.train.data_source=@synthetic_batches",
+      "--gin.synthetic_batches.vocab_size=512",
+      "--gin.VOCAB_SIZE=512",
+      "--gin.BATCH_SIZE=8",
+      "--gin.SEQUENCE_LENGTH=16",
+      "--gin.TRAIN_STEPS=1",
+      "--gin.train.progress=False",
+      "--gin.train.tensorboard=False",
+    ],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert (run / "config.json").exists()
+  # conversion/ installs as geex_jax.conversion: no top-level `conversion` module in site-packages.
+  assert not (target / "conversion").exists()
+  probe = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import geex_jax.conversion.convert, geex_jax.training.cli\nimport conversion",
+    ],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+  )
+  assert probe.returncode == 1 and "No module named 'conversion'" in probe.stderr, probe.stderr
+  helped = subprocess.run(
+    [str(target / "bin" / "geex-convert"), "--help"],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+  )
+  assert helped.returncode == 0 and "torch-to-jax" in helped.stdout, helped.stderr

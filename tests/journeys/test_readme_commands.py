@@ -1,6 +1,7 @@
 """The README itself: every `geex-*` command line in its code blocks uses flags that the command
 really has, and parses completely where the line is not elided with `...` (docs and flags cannot
 drift apart)."""
+
 import pathlib
 import re
 import shlex
@@ -11,13 +12,19 @@ README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _parsers():
-  from conversion import cli as convert_cli
-  from geex_jax import sampling_cli, train
+  from geex_jax.conversion import cli as convert_cli
+  from geex_jax.inference import cli as sampling_cli
+  from geex_jax.training import cli as train_cli  # noqa: F401  (imported for its gin configurables)
   from geex_jax.data import cli as data_cli
   from geex_jax.humaneval_x import cli as eval_cli
-  return {"geex-sample": sampling_cli.build_parser, "geex-eval": eval_cli.build_parser,
-          "geex-convert": convert_cli.build_parser, "geex-data": data_cli._parser,
-          "geex-train": None}
+
+  return {
+    "geex-sample": sampling_cli.build_parser,
+    "geex-eval": eval_cli.build_parser,
+    "geex-convert": convert_cli.build_parser,
+    "geex-data": data_cli._parser,
+    "geex-train": None,
+  }
 
 
 def readme_commands() -> list[tuple[int, list[str]]]:
@@ -37,10 +44,11 @@ def readme_commands() -> list[tuple[int, list[str]]]:
     text, joined = joined.strip(), ""
     match = re.search(r"\b(geex-(?:train|sample|eval|convert|data))\b", text)
     if match and not text.startswith(("from ", "import ", "#")):
-      text = text[match.start():].replace("$'", "'")
+      text = text[match.start() :].replace("$'", "'")
       # `[--flag value]` marks an optional part: check it like the rest.
-      commands.append((start, [t.removeprefix("[").removesuffix("]")
-                               for t in shlex.split(text, comments=True)]))
+      commands.append(
+        (start, [t.removeprefix("[").removesuffix("]") for t in shlex.split(text, comments=True)])
+      )
   return commands
 
 
@@ -57,8 +65,10 @@ class _ParseError(Exception):
 
 def _strict(parser):
   """The parser (and its subparsers) raising instead of printing and exiting."""
+
   def error(message):
     raise _ParseError(message)
+
   parser.error = error
   for action in parser._actions:
     if isinstance(action.choices, dict):  # subcommands
@@ -80,9 +90,10 @@ def test_readme_command_parses(line, argv):
   prog, args = argv[0], [a for a in argv[1:] if a != "..."]
   elided = "..." in argv[1:]
   if prog == "geex-train":
-    from geex_jax import train
+    from geex_jax.training import cli as train_cli
+
     try:
-      _, bindings = train._parse_args(args)
+      _, bindings = train_cli._parse_args(args)
     except SystemExit as e:
       pytest.fail(f"README line {line}: geex-train rejects {args}: exit {e.code}")
     assert all(" = " in b for b in bindings)

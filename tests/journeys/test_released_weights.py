@@ -6,18 +6,19 @@ shape with the full 52224-row vocabulary: single file, fused-QKV variant, 2 mode
 equals the PyTorch reference's greedy decode, detokenized) -> `geex-eval generate / execute /
 report` -> `geex-convert jax-to-torch` -> loads with strict=True into the reference.
 """
+
 import gzip
 import json
-import pathlib
 
 import numpy as np
 import pytest
 import torch
 
-from conversion import table, torch_io
-from conversion.torch_reference import CodeGeeXTorch, greedy_generate
-from geex_jax import checkpoints, stop_rules
-from geex_jax.model import CodeGeeXConfig
+from geex_jax.conversion import table, torch_io
+from geex_jax.conversion.torch_reference import CodeGeeXTorch, greedy_generate
+from geex_jax import stop_rules
+from geex_jax.model import checkpoints
+from geex_jax.model.codegeex import CodeGeeXConfig
 from geex_jax.tokenizer import CodeGeeXTokenizer
 
 from journey_tools import run, run_ok
@@ -70,8 +71,11 @@ def converted(released, tmp_path_factory):
   exist yet (as the README writes it: ckpt/codegeex-13b)."""
   work = tmp_path_factory.mktemp("work")
   out = {}
-  for name, src in (("single", released / "codegeex_tiny.pt"), ("fused", released / "fused.pt"),
-                    ("mp2", released / "mp2")):
+  for name, src in (
+    ("single", released / "codegeex_tiny.pt"),
+    ("fused", released / "fused.pt"),
+    ("mp2", released / "mp2"),
+  ):
     dst = work / "ckpt" / name
     r = run_ok("geex-convert", "torch-to-jax", src, dst, "--dtype", "fp32", "--verify")
     assert "verif" in (r.stdout + r.stderr).lower()
@@ -85,10 +89,11 @@ def converted(released, tmp_path_factory):
 
 def torch_greedy(reference, tokenizer, text, new=NEW):
   ids = tokenizer.encode(text)
-  out = greedy_generate(reference, torch.tensor([ids]), new, eos_id=EOS,
-                        vocab_limit=tokenizer.vocab_size)[0].tolist()
+  out = greedy_generate(
+    reference, torch.tensor([ids]), new, eos_id=EOS, vocab_limit=tokenizer.vocab_size
+  )[0].tolist()
   if EOS in out:
-    out = out[:out.index(EOS)]
+    out = out[: out.index(EOS)]
   return tokenizer.decode(out)
 
 
@@ -102,35 +107,70 @@ def test_every_layout_converts_to_the_same_params(converted):
   assert config.vocab_size == 52224 and config.max_position == 1024
 
 
-def test_sample_greedy_equals_the_pytorch_reference(converted, reference, tokenizer,
-                                                    tokenizer_dir):
+def test_sample_greedy_equals_the_pytorch_reference(converted, reference, tokenizer, tokenizer_dir):
   want = torch_greedy(reference, tokenizer, PROMPT)
   assert want.strip(), "the reference continuation is empty: the test would prove nothing"
-  r = run_ok("geex-sample", "--checkpoint", converted["single"], "--tokenizer", tokenizer_dir,
-             "--prompt", PROMPT, "--greedy", "--max_new_tokens", NEW)
+  r = run_ok(
+    "geex-sample",
+    "--checkpoint",
+    converted["single"],
+    "--tokenizer",
+    tokenizer_dir,
+    "--prompt",
+    PROMPT,
+    "--greedy",
+    "--max_new_tokens",
+    NEW,
+  )
   assert r.stdout == want
 
 
-def test_sample_with_language_applies_its_tag_and_stop_rule(converted, reference, tokenizer,
-                                                            tokenizer_dir):
+def test_sample_with_language_applies_its_tag_and_stop_rule(
+  converted, reference, tokenizer, tokenizer_dir
+):
   want = torch_greedy(reference, tokenizer, "# language: Python\n" + PROMPT)
-  from geex_jax.sampling import cut_text
+  from geex_jax.inference.sampler import cut_text
+
   want = cut_text(want, "python", at_line_start=False)
-  r = run_ok("geex-sample", "--checkpoint", converted["mp2"], "--tokenizer", tokenizer_dir,
-             "--prompt", PROMPT, "--language", "python", "--max_new_tokens", NEW)
+  r = run_ok(
+    "geex-sample",
+    "--checkpoint",
+    converted["mp2"],
+    "--tokenizer",
+    tokenizer_dir,
+    "--prompt",
+    PROMPT,
+    "--language",
+    "python",
+    "--max_new_tokens",
+    NEW,
+  )
   assert r.stdout == want
 
 
-def test_sample_tasks_to_output_beam_and_int8(converted, reference, tokenizer, tokenizer_dir,
-                                              humaneval_dir, tmp_path):
+def test_sample_tasks_to_output_beam_and_int8(
+  converted, reference, tokenizer, tokenizer_dir, humaneval_dir, tmp_path
+):
   tasks = tmp_path / "tasks.jsonl"
   with gzip.open(humaneval_dir / "humaneval_cpp.jsonl.gz", "rt") as f:
     problems = [json.loads(line) for _, line in zip(range(2), f)]
-  tasks.write_text("".join(json.dumps({"task_id": p["task_id"], "prompt": p["prompt"]}) + "\n"
-                           for p in problems))
+  tasks.write_text(
+    "".join(json.dumps({"task_id": p["task_id"], "prompt": p["prompt"]}) + "\n" for p in problems)
+  )
   out = tmp_path / "samples.jsonl"
-  run_ok("geex-sample", "--checkpoint", converted["fused"], "--tokenizer", tokenizer_dir,
-         "--tasks", tasks, "--max_new_tokens", 16, "--output", out)
+  run_ok(
+    "geex-sample",
+    "--checkpoint",
+    converted["fused"],
+    "--tokenizer",
+    tokenizer_dir,
+    "--tasks",
+    tasks,
+    "--max_new_tokens",
+    16,
+    "--output",
+    out,
+  )
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["task_id"] for r in records] == ["CPP/0", "CPP/1"]
   assert all(r["language"] == "C++" for r in records)  # inferred from the task ids
@@ -138,27 +178,91 @@ def test_sample_tasks_to_output_beam_and_int8(converted, reference, tokenizer, t
   assert records[0]["completion"] == stop_rules.truncate("cpp", want, finished=True)
 
   # Beam search with one beam is greedy decoding; two beams run too.
-  greedy = run_ok("geex-sample", "--checkpoint", converted["single"], "--tokenizer",
-                  tokenizer_dir, "--prompt", PROMPT, "--max_new_tokens", 12).stdout
-  beam1 = run_ok("geex-sample", "--checkpoint", converted["single"], "--tokenizer",
-                 tokenizer_dir, "--prompt", PROMPT, "--max_new_tokens", 12, "--beam", 1).stdout
+  greedy = run_ok(
+    "geex-sample",
+    "--checkpoint",
+    converted["single"],
+    "--tokenizer",
+    tokenizer_dir,
+    "--prompt",
+    PROMPT,
+    "--max_new_tokens",
+    12,
+  ).stdout
+  beam1 = run_ok(
+    "geex-sample",
+    "--checkpoint",
+    converted["single"],
+    "--tokenizer",
+    tokenizer_dir,
+    "--prompt",
+    PROMPT,
+    "--max_new_tokens",
+    12,
+    "--beam",
+    1,
+  ).stdout
   assert beam1 == greedy
-  r = run_ok("geex-sample", "--checkpoint", converted["single"], "--tokenizer", tokenizer_dir,
-             "--prompt", PROMPT, "--max_new_tokens", 12, "--beam", 2, "--num_samples", 2)
+  r = run_ok(
+    "geex-sample",
+    "--checkpoint",
+    converted["single"],
+    "--tokenizer",
+    tokenizer_dir,
+    "--prompt",
+    PROMPT,
+    "--max_new_tokens",
+    12,
+    "--beam",
+    2,
+    "--num_samples",
+    2,
+  )
   assert r.stdout.count("<|endoftext|>") == 1  # two completions, one separator
-  r = run_ok("geex-sample", "--checkpoint", converted["bf16"], "--tokenizer", tokenizer_dir,
-             "--prompt", PROMPT, "--max_new_tokens", 12, "--dtype", "bf16", "--int8")
+  r = run_ok(
+    "geex-sample",
+    "--checkpoint",
+    converted["bf16"],
+    "--tokenizer",
+    tokenizer_dir,
+    "--prompt",
+    PROMPT,
+    "--max_new_tokens",
+    12,
+    "--dtype",
+    "bf16",
+    "--int8",
+  )
   assert "1 completions, " in r.stderr
 
 
 def test_eval_generate_execute_report(converted, tokenizer_dir, humaneval_dir):
   work = converted["work"]
   samples = work / "samples.jsonl"
-  tasks = ",".join(f"{lang}/{i}" for lang in ("Python", "CPP", "Java", "JavaScript", "Go", "Rust")
-                   for i in (0, 1))
-  gen = ("geex-eval", "generate", "--data", humaneval_dir, "--checkpoint", converted["bf16"],
-         "--tokenizer", tokenizer_dir, "--out", samples, "--n", 2, "--temperature", 0.8,
-         "--max-new-tokens", 16, "--quiet", "--tasks", tasks)
+  tasks = ",".join(
+    f"{lang}/{i}" for lang in ("Python", "CPP", "Java", "JavaScript", "Go", "Rust") for i in (0, 1)
+  )
+  gen = (
+    "geex-eval",
+    "generate",
+    "--data",
+    humaneval_dir,
+    "--checkpoint",
+    converted["bf16"],
+    "--tokenizer",
+    tokenizer_dir,
+    "--out",
+    samples,
+    "--n",
+    2,
+    "--temperature",
+    0.8,
+    "--max-new-tokens",
+    16,
+    "--quiet",
+    "--tasks",
+    tasks,
+  )
   run_ok(*gen)
   lines = [json.loads(line) for line in samples.read_text().splitlines()]
   assert len(lines) == 24 and {r["task_id"] for r in lines} == set(tasks.split(","))
@@ -193,10 +297,13 @@ def test_back_to_torch_loads_strictly_into_the_reference(converted, reference):
   for k, v in reference.released_state_dict().items():
     torch.testing.assert_close(flat[k], v, rtol=0, atol=0)
   shards = work / "back" / "mp2"
-  run_ok("geex-convert", "jax-to-torch", converted["single"], shards, "--shards", 2,
-         "--dtype", "fp32")
-  assert sorted(p.name for p in shards.iterdir()) == [torch_io.shard_name(0),
-                                                      torch_io.shard_name(1)]
+  run_ok(
+    "geex-convert", "jax-to-torch", converted["single"], shards, "--shards", 2, "--dtype", "fp32"
+  )
+  assert sorted(p.name for p in shards.iterdir()) == [
+    torch_io.shard_name(0),
+    torch_io.shard_name(1),
+  ]
 
 
 def test_convert_refuses_an_existing_destination(converted, released):

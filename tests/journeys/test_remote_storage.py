@@ -11,6 +11,7 @@ BUCKET`) with one gap filled: its media downloads lack the `x-goog-generation` h
 generation TensorStore reads back is malformed and the OCDBT writes of an Orbax save that follow
 a read fail ("Malformed StorageGeneration"). Real GCS always sends the header.
 """
+
 import json
 import os
 import pathlib
@@ -45,6 +46,7 @@ def _serve(port: int, bucket: str) -> None:
 
   objects.download = download_with_generation  # before the server module builds its routes
   from gcp_storage_emulator.server import create_server
+
   create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
 
 
@@ -62,18 +64,21 @@ def _free_port() -> int:
 def emulator_env(url: str) -> dict:
   """What points geex-jax at an emulator: four variables (README, "Remote storage")."""
   return {
-      "STORAGE_EMULATOR_HOST": url,            # gcsfs (epath) and google-cloud-storage
-      "TENSORSTORE_GCS_HTTP_URL": url,         # TensorStore (Orbax)
-      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-      "EPATH_USE_TF": "0",                     # epath through gcsfs: TF's gfile ignores emulators
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs (epath) and google-cloud-storage
+    "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore (Orbax)
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+    "EPATH_USE_TF": "0",  # epath through gcsfs: TF's gfile ignores emulators
   }
 
 
 # Guards, not configuration: no Google auth library may look for a GCE metadata server (a host
 # off this machine) while it searches for credentials; the metadata "server" is a closed local
 # port.
-NO_METADATA_SERVER = {"NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9",
-                      "GCE_METADATA_IP": "127.0.0.1:9"}
+NO_METADATA_SERVER = {
+  "NO_GCE_CHECK": "true",
+  "GCE_METADATA_HOST": "127.0.0.1:9",
+  "GCE_METADATA_IP": "127.0.0.1:9",
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +91,9 @@ def gcs(tmp_path_factory):
   url = f"http://127.0.0.1:{port}"
   log = tmp_path_factory.mktemp("emulator") / "emulator.log"
   with open(log, "w") as out:
-    proc = subprocess.Popen([sys.executable, str(HERE), "serve", str(port), BUCKET],
-                            stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+      [sys.executable, str(HERE), "serve", str(port), BUCKET], stdout=out, stderr=subprocess.STDOUT
+    )
   try:
     deadline = time.time() + 60
     while True:
@@ -105,6 +111,7 @@ def gcs(tmp_path_factory):
     # process touches a gs:// path; earlier tests in the same pytest run may have made it
     # without EPATH_USE_TF=0. The console scripts run fresh, so only this process needs it.
     from etils.epath import gpath
+
     with pytest.MonkeyPatch.context() as mp:
       for key, value in env.items():
         mp.setenv(key, value)
@@ -128,34 +135,61 @@ def _script(name: str, module: str) -> list[str]:
   return [str(path)] if path.exists() else [sys.executable, "-m", module]
 
 
-GEEX = {"geex-train": "geex_jax.train", "geex-sample": "geex_jax.sampling_cli",
-        "geex-convert": "conversion.cli", "geex-data": "geex_jax.data.cli"}
+GEEX = {
+  "geex-train": "geex_jax.training",
+  "geex-sample": "geex_jax.inference.cli",
+  "geex-convert": "geex_jax.conversion.cli",
+  "geex-data": "geex_jax.data.cli",
+}
 
 
 def _run(gcs, cwd, name, *args, expect=0) -> subprocess.CompletedProcess:
-  env = dict(os.environ, **gcs["env"], JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.run([*_script(name, GEEX[name]), *args], cwd=cwd, env=env, text=True,
-                        capture_output=True, timeout=600)
-  assert proc.returncode == expect, f"{name} {' '.join(args)}: rc {proc.returncode}\n" + (
-      proc.stderr[-4000:])
+  env = dict(
+    os.environ,
+    **gcs["env"],
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
+  proc = subprocess.run(
+    [*_script(name, GEEX[name]), *args],
+    cwd=cwd,
+    env=env,
+    text=True,
+    capture_output=True,
+    timeout=600,
+  )
+  assert proc.returncode == expect, (
+    f"{name} {' '.join(args)}: rc {proc.returncode}\n" + (proc.stderr[-4000:])
+  )
   return proc
 
 
 def _train_args(model_dir: str, corpus_dir: str, *extra: str) -> list[str]:
-  return ["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin",
-          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.CORPUS_DIR='{corpus_dir}'",
-          "--gin.VOCAB_SIZE=512", "--gin.MAX_POSITION=32", "--gin.BATCH_SIZE=8",
-          "--gin.SEQUENCE_LENGTH=32", "--gin.TRAIN_STEPS=12", "--gin.train.checkpoint_every=3",
-          "--gin.learning_rate_schedule.peak=3e-3", "--gin.learning_rate_schedule.warmup_steps=2",
-          "--gin.learning_rate_schedule.decay_steps=40", "--gin.train.progress=False", *extra]
+  return [
+    "--gin_file=models/tiny.gin",
+    "--gin_file=runs/pretrain.gin",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    f"--gin.CORPUS_DIR='{corpus_dir}'",
+    "--gin.VOCAB_SIZE=512",
+    "--gin.MAX_POSITION=32",
+    "--gin.BATCH_SIZE=8",
+    "--gin.SEQUENCE_LENGTH=32",
+    "--gin.TRAIN_STEPS=12",
+    "--gin.train.checkpoint_every=3",
+    "--gin.learning_rate_schedule.peak=3e-3",
+    "--gin.learning_rate_schedule.warmup_steps=2",
+    "--gin.learning_rate_schedule.decay_steps=40",
+    "--gin.train.progress=False",
+    *extra,
+  ]
 
 
 def _sources(root: pathlib.Path) -> None:
   """A few Python files the corpus filters keep (1-100 KB, code-like)."""
   for i in range(6):
-    body = "".join(f"def function_{i}_{k}(value, other):\n    return value * {k} + other\n\n"
-                   for k in range(40))
+    body = "".join(
+      f"def function_{i}_{k}(value, other):\n    return value * {k} + other\n\n" for k in range(40)
+    )
     (root / f"module_{i}.py").write_text(f"# module {i}\n" + body)
 
 
@@ -165,6 +199,7 @@ def runs(gcs, tmp_path_factory):
   gs://BUCKET/run; the log of a run killed past its checkpoint; resumed to 12; and the same 12
   steps uninterrupted into the local (relative) directory `local`."""
   from geex_jax import fileio
+
   work = tmp_path_factory.mktemp("journey")
   (work / "src").mkdir()
   _sources(work / "src")
@@ -172,8 +207,12 @@ def runs(gcs, tmp_path_factory):
   fileio.copy_tree(work / "corpus", f"gs://{BUCKET}/corpus")
 
   gs_run = f"gs://{BUCKET}/run"
-  first = _run(gcs, work, "geex-train", *_train_args(gs_run, f"gs://{BUCKET}/corpus",
-                                                     "--gin.train.stop_at_step=6"))
+  first = _run(
+    gcs,
+    work,
+    "geex-train",
+    *_train_args(gs_run, f"gs://{BUCKET}/corpus", "--gin.train.stop_at_step=6"),
+  )
   assert "steps 0->6" in first.stderr, first.stderr[-2000:]
   # A run killed after its step-6 checkpoint had uploaded its log up to step 8, and a torn line:
   # the resumed run logs steps 7 and 8 again and must drop these.
@@ -192,7 +231,10 @@ def runs(gcs, tmp_path_factory):
 def test_resumed_gs_run_equals_an_uninterrupted_local_run(runs):
   import jax
   import numpy as np
-  from geex_jax import checkpoints, fileio, train
+  from geex_jax import fileio
+  from geex_jax.model import checkpoints
+  from geex_jax.training import metrics as train_metrics
+
   gs_run, local_run = runs["gs_run"], runs["local_run"]
   assert checkpoints.latest_step(gs_run) == checkpoints.latest_step(local_run) == 12
   config_gs, params_gs = checkpoints.load_params(gs_run)
@@ -204,10 +246,12 @@ def test_resumed_gs_run_equals_an_uninterrupted_local_run(runs):
   lines = fileio.as_path(f"{gs_run}/metrics.jsonl").read_text().splitlines()
   steps = [json.loads(line)["step"] for line in lines]
   assert steps == list(range(1, 13)), steps
-  local = train.read_metrics(local_run)
+  local = train_metrics.read_metrics(local_run)
   assert [json.loads(line)["loss"] for line in lines] == [local[s]["loss"] for s in steps]
-  assert any(p.name.startswith("events.out.tfevents")
-             for p in fileio.as_path(f"{gs_run}/tensorboard").iterdir())
+  assert any(
+    p.name.startswith("events.out.tfevents")
+    for p in fileio.as_path(f"{gs_run}/tensorboard").iterdir()
+  )
   assert not (runs["work"] / "gs:").exists()  # no URL became a local folder
 
 
@@ -224,8 +268,10 @@ def test_convert_reads_and_writes_gs(gcs, runs, monkeypatch):
   import jax
   import numpy as np
   import torch
-  from conversion import cli, convert
-  from geex_jax import checkpoints, fileio
+  from geex_jax.conversion import cli, convert
+  from geex_jax import fileio
+  from geex_jax.model import checkpoints
+
   work, gs_run = runs["work"], runs["gs_run"]
 
   def state(path):
@@ -255,8 +301,17 @@ def test_convert_reads_and_writes_gs(gcs, runs, monkeypatch):
 
   # torch-to-jax writes to gs:// (staged locally, verified, uploaded, moved): loads back equal.
   ckpt = f"gs://{BUCKET}/ckpt/tiny"
-  out = _run(gcs, work, "geex-convert", "torch-to-jax", "from_local/run.pt", ckpt,
-             "--dtype", "fp32", "--verify")
+  out = _run(
+    gcs,
+    work,
+    "geex-convert",
+    "torch-to-jax",
+    "from_local/run.pt",
+    ckpt,
+    "--dtype",
+    "fp32",
+    "--verify",
+  )
   assert "agree" in out.stdout and ckpt in out.stdout, out.stdout
   assert_params_equal(ckpt, runs["local_run"])
   listed = fileio.list_files(f"gs://{BUCKET}/ckpt")
@@ -264,13 +319,22 @@ def test_convert_reads_and_writes_gs(gcs, runs, monkeypatch):
 
   # A released file on gs:// (downloaded first) into a local folder whose parents do not exist.
   fileio.copy_file(work / "from_local" / "run.pt", f"gs://{BUCKET}/released/run.pt")
-  _run(gcs, work, "geex-convert", "torch-to-jax", f"gs://{BUCKET}/released/run.pt",
-       "new/nested/ckpt", "--dtype", "fp32")
+  _run(
+    gcs,
+    work,
+    "geex-convert",
+    "torch-to-jax",
+    f"gs://{BUCKET}/released/run.pt",
+    "new/nested/ckpt",
+    "--dtype",
+    "fp32",
+  )
   assert_params_equal(work / "new" / "nested" / "ckpt", runs["local_run"])
 
   # gs:// to gs://, a single .pt object.
-  _run(gcs, work, "geex-convert", "jax-to-torch", ckpt, f"gs://{BUCKET}/back/run.pt",
-       "--dtype", "fp32")
+  _run(
+    gcs, work, "geex-convert", "jax-to-torch", ckpt, f"gs://{BUCKET}/back/run.pt", "--dtype", "fp32"
+  )
   fileio.copy_file(f"gs://{BUCKET}/back/run.pt", work / "back.pt")
   assert_same(state(work / "back.pt"), released)
 
@@ -283,6 +347,7 @@ def test_convert_reads_and_writes_gs(gcs, runs, monkeypatch):
 
   def fail(*_):
     raise convert.CheckpointError("verify failed: injected")
+
   with monkeypatch.context() as patch, pytest.raises(SystemExit) as e:
     patch.setattr(convert, "_logits_diff", fail)
     cli.main(["torch-to-jax", "from_local/run.pt", f"gs://{BUCKET}/ckpt/failed", "--verify"])
@@ -308,6 +373,7 @@ def test_convert_reads_and_writes_gs(gcs, runs, monkeypatch):
   def dropping_fs(url):
     fs, root = remote_fs(url)
     return Dropping(fs), root
+
   with monkeypatch.context() as patch, pytest.raises(SystemExit) as e:
     patch.setattr(fileio, "_remote_fs", dropping_fs)
     cli.main(["torch-to-jax", "from_local/run.pt", f"gs://{BUCKET}/ckpt/dropped"])
@@ -320,6 +386,7 @@ def test_tokenizer_directory_on_gs(gcs, tokenizer_dir):
   """TOKENIZER_DIR / --tokenizer on gs:// loads the released files like the local directory."""
   from geex_jax import fileio, tokenizer
   from geex_jax.errors import InputError
+
   if not (tokenizer_dir / "vocab.json").is_file():
     pytest.skip(f"no tokenizer files in {tokenizer_dir}")
   url = f"gs://{BUCKET}/codegeex_tokenizer"
@@ -336,17 +403,20 @@ def test_tokenizer_directory_on_gs(gcs, tokenizer_dir):
 def test_metrics_log_drops_steps_past_the_restored_one(tmp_path):
   """A resumed run's log: lines of steps after the restored checkpoint, and a torn last line,
   are dropped (the file rewritten whole); the rest is kept as it was."""
-  from geex_jax import fileio, train
-  path = tmp_path / train.METRICS_FILE
-  path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 9))
-                  + '{"step": 9, "lo')
-  log = train._MetricsLog(fileio.as_path(path), start=6)
+  from geex_jax import fileio
+  from geex_jax.training import metrics as train_metrics
+
+  path = tmp_path / train_metrics.METRICS_FILE
+  path.write_text(
+    "".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 9)) + '{"step": 9, "lo'
+  )
+  log = train_metrics.MetricsLog(fileio.as_path(path), start=6)
   log.write({"step": 7, "loss": 0.25})
   log.close()
   steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
   assert steps == [1, 2, 3, 4, 5, 6, 7]
   assert json.loads(path.read_text().splitlines()[-1])["loss"] == 0.25
-  assert sorted(p.name for p in tmp_path.iterdir()) == [train.METRICS_FILE]  # no temp files
+  assert sorted(p.name for p in tmp_path.iterdir()) == [train_metrics.METRICS_FILE]  # no temp files
   untouched = path.read_text()
-  train._MetricsLog(fileio.as_path(path), start=7).close()
+  train_metrics.MetricsLog(fileio.as_path(path), start=7).close()
   assert path.read_text() == untouched

@@ -6,6 +6,7 @@ install.sh runs for real but cheaply; the venv's `python` is a fake trainer that
 writes "got SIGTERM" and exits 143 on SIGTERM, and otherwise sleeps (at most 60 s).
 slurm_gpu.sbatch is checked the same way with fake `srun` and `scontrol`.
 """
+
 import json
 import os
 import pathlib
@@ -100,7 +101,7 @@ if sys.argv[1:2] == ["-c"]:  # install.sh's check
   # One write: the workers share stdout.
   sys.stdout.write(f"{{os.environ['FAKE_WORKER']}} 4 TPU v4 (fake)\n")
   sys.exit(0)
-if sys.argv[1:3] != ["-m", "geex_jax.train"]:
+if sys.argv[1:3] != ["-m", "geex_jax.training"]:
   sys.exit(f"fake python: unexpected {{sys.argv}}")
 with open(os.path.join(home, "trainer.calls"), "a") as f:
   f.write(json.dumps({{"pid": os.getpid(), "argv": sys.argv[1:]}}) + "\n")
@@ -149,26 +150,54 @@ class Journey:
     worker_bin = root / "worker-bin"
     bin_dir.mkdir()
     worker_bin.mkdir()
-    _write_exe(bin_dir / "gcloud",
-               FAKE_GCLOUD.format(python=sys.executable, root=str(root), workers=WORKERS))
+    _write_exe(
+      bin_dir / "gcloud", FAKE_GCLOUD.format(python=sys.executable, root=str(root), workers=WORKERS)
+    )
     _write_exe(root / "fake-python", FAKE_PYTHON.format(python=sys.executable))
     for name, body in WORKER_BIN.items():
       _write_exe(worker_bin / name, "#!/usr/bin/env bash\n" + body)
-    self.env = {k: v for k, v in os.environ.items()
-                if k not in ("PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "RUNTIME_VERSION",
-                             "REPO_URL", "REPO_REF", "REMOTE_DIR", "JAX_VERSION", "LOG_FILE",
-                             "PID_FILE", "SPOT", "WORKER", "STOP_TIMEOUT")}
-    self.env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_ROOT=str(root),
-                    ZONE="fake-zone1-a", TPU_NAME="geex-test", ACCELERATOR_TYPE="v4-16",
-                    STOP_TIMEOUT="20")
+    self.env = {
+      k: v
+      for k, v in os.environ.items()
+      if k
+      not in (
+        "PROJECT",
+        "ZONE",
+        "TPU_NAME",
+        "ACCELERATOR_TYPE",
+        "RUNTIME_VERSION",
+        "REPO_URL",
+        "REPO_REF",
+        "REMOTE_DIR",
+        "JAX_VERSION",
+        "LOG_FILE",
+        "PID_FILE",
+        "SPOT",
+        "WORKER",
+        "STOP_TIMEOUT",
+      )
+    }
+    self.env.update(
+      PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+      FAKE_ROOT=str(root),
+      ZONE="fake-zone1-a",
+      TPU_NAME="geex-test",
+      ACCELERATOR_TYPE="v4-16",
+      STOP_TIMEOUT="20",
+    )
 
   def home(self, i: int) -> pathlib.Path:
     return self.root / f"worker{i}"
 
   def run(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(["bash", str(SCRIPTS / script), *args], env=dict(self.env, **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+      ["bash", str(SCRIPTS / script), *args],
+      env=dict(self.env, **env),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+    )
     try:
       out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -205,7 +234,7 @@ class Journey:
       time.sleep(0.1)
 
 
-def _alive(pid: int, marker: str = "geex_jax.train") -> bool:
+def _alive(pid: int, marker: str = "geex_jax.training") -> bool:
   """pid runs (not a zombie) and its command line holds `marker`."""
   try:
     return marker.encode() in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -231,24 +260,39 @@ def journey(tmp_path):
     j.kill_leftovers()
 
 
-TRAIN_ARGS = ["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin",
-              "--gin.MODEL_DIR='/tmp/a dir/geex'", "--gin.train.mesh_shape=(1, -1, 8)"]
+TRAIN_ARGS = [
+  "--gin_file=models/tiny.gin",
+  "--gin_file=runs/pretrain.gin",
+  "--gin.MODEL_DIR='/tmp/a dir/geex'",
+  "--gin.train.mesh_shape=(1, -1, 8)",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 def test_tpu_scripts_journey(journey):
   j = journey
-  expected_argv = ["-m", "geex_jax.train", "--distributed", *TRAIN_ARGS]
+  expected_argv = ["-m", "geex_jax.training", "--distributed", *TRAIN_ARGS]
 
   # create.sh: accelerator type, runtime, zone, project, spot.
   r = j.run("create.sh", SPOT="1")
   assert r.returncode == 0, r.stderr
   assert r.stdout.strip() == "READY\tv4-16"
   create = [c for c in j.gcloud_calls() if c[3:4] == ["create"]]
-  assert create == [["compute", "tpus", "tpu-vm", "create", "geex-test", "--accelerator-type=v4-16",
-                     "--version=tpu-ubuntu2204-base", "--spot", "--project=fake-project",
-                     "--zone=fake-zone1-a"]]
+  assert create == [
+    [
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "create",
+      "geex-test",
+      "--accelerator-type=v4-16",
+      "--version=tpu-ubuntu2204-base",
+      "--spot",
+      "--project=fake-project",
+      "--zone=fake-zone1-a",
+    ]
+  ]
 
   # install.sh: this checkout, a venv and the pinned deps on every worker.
   r = j.run("install.sh")
@@ -288,8 +332,14 @@ def test_tpu_scripts_journey(journey):
     assert _alive(first[i])
 
   # logs.sh streams worker 0's log, and keeps following it.
-  proc = subprocess.Popen(["bash", str(SCRIPTS / "logs.sh")], env=j.env, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+  proc = subprocess.Popen(
+    ["bash", str(SCRIPTS / "logs.sh")],
+    env=j.env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+    start_new_session=True,
+  )
   lines = []
 
   def pump():
@@ -332,8 +382,16 @@ def test_tpu_scripts_journey(journey):
   # teardown.sh deletes the slice.
   r = j.run("teardown.sh")
   assert r.returncode == 0, r.stderr
-  assert j.gcloud_calls()[-1] == ["compute", "tpus", "tpu-vm", "delete", "geex-test", "--quiet",
-                                  "--project=fake-project", "--zone=fake-zone1-a"]
+  assert j.gcloud_calls()[-1] == [
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "delete",
+    "geex-test",
+    "--quiet",
+    "--project=fake-project",
+    "--zone=fake-zone1-a",
+  ]
   assert not (j.root / "tpu.json").exists()
 
 
@@ -356,23 +414,35 @@ def slurm(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   _write_exe(bin_dir / "srun", FAKE_SRUN)
-  _write_exe(bin_dir / "scontrol",
-             '#!/usr/bin/env bash\necho "$*" >> "$FAKE_ROOT/scontrol.calls"\n')
-  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_ROOT=str(tmp_path),
-             SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID="4242")
+  _write_exe(
+    bin_dir / "scontrol", '#!/usr/bin/env bash\necho "$*" >> "$FAKE_ROOT/scontrol.calls"\n'
+  )
+  env = dict(
+    os.environ,
+    PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    FAKE_ROOT=str(tmp_path),
+    SLURM_SUBMIT_DIR=str(tmp_path),
+    SLURM_JOB_ID="4242",
+  )
   return tmp_path, env
 
 
 @pytest.mark.parametrize("rc, requeued", [(0, False), (1, False), (143, True)])
 def test_slurm_requeues_on_143(slurm, rc, requeued):
   root, env = slurm
-  r = subprocess.run(["bash", str(SCRIPTS / "slurm_gpu.sbatch"), *TRAIN_ARGS],
-                     env=dict(env, FAKE_SRUN_RC=str(rc)), capture_output=True, text=True,
-                     timeout=TIMEOUT)
+  r = subprocess.run(
+    ["bash", str(SCRIPTS / "slurm_gpu.sbatch"), *TRAIN_ARGS],
+    env=dict(env, FAKE_SRUN_RC=str(rc)),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
   assert r.returncode == rc, r.stderr
   assert (root / "srun.args").read_text() == (
-    "--kill-on-bad-exit=1 .venv/bin/python -m geex_jax.train --distributed "
-    + " ".join(TRAIN_ARGS) + "\n")
+    "--kill-on-bad-exit=1 .venv/bin/python -m geex_jax.training --distributed "
+    + " ".join(TRAIN_ARGS)
+    + "\n"
+  )
   calls = root / "scontrol.calls"
   assert (calls.read_text() if calls.exists() else "") == ("requeue 4242\n" if requeued else "")
 
@@ -380,9 +450,14 @@ def test_slurm_requeues_on_143(slurm, rc, requeued):
 def test_slurm_requeues_when_the_batch_shell_is_signalled_too(slurm):
   """Preemption can SIGTERM the batch shell as well as the step: the shell must outlive srun."""
   root, env = slurm
-  proc = subprocess.Popen(["bash", str(SCRIPTS / "slurm_gpu.sbatch"), "--gin_file=x.gin"],
-                          env=dict(env, FAKE_SRUN_RC="wait"), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  proc = subprocess.Popen(
+    ["bash", str(SCRIPTS / "slurm_gpu.sbatch"), "--gin_file=x.gin"],
+    env=dict(env, FAKE_SRUN_RC="wait"),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
   try:
     deadline = time.monotonic() + TIMEOUT
     while not (root / "srun.started").exists():
