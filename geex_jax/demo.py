@@ -353,7 +353,7 @@ def heldout_loss(
   """(mean loss in nats per token, tokens) of the latest params over every held-out document."""
   import jax
   from geex_jax.model import checkpoints
-  from geex_jax.training import train as train_lib
+  from geex_jax.training import step as train_step
   from geex_jax.data import pipeline
 
   config, params = checkpoints.load_params(model_dir)
@@ -372,7 +372,7 @@ def heldout_loss(
     seed=0,
     num_epochs=1,
   )
-  loss_sum = jax.jit(lambda p, b: train_lib.loss_fn(p, b, config, None, 1.0)[1])
+  loss_sum = jax.jit(lambda p, b: train_step.loss_fn(p, b, config, None, 1.0)[1])
   total, weight = 0.0, 0.0
   for batch in batches:  # fixed shapes (the last batch is zero-padded): one compile
     total += float(loss_sum(params, batch))
@@ -461,7 +461,7 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
   """The demo; returns what it made (see DemoResult)."""
   args, extra = _parse(argv)
   _quiet_logs()
-  from geex_jax.training import train as train_lib
+  from geex_jax.training import cli as train_cli, train as train_lib
   from geex_jax.data.corpus import build_embedded_corpus
 
   work = pathlib.Path(args.workdir).absolute()
@@ -489,7 +489,7 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
     bindings += [f"TOKENIZER_DIR = {os.path.abspath(args.tokenizer_dir)!r}", "VOCAB_SIZE = 52224"]
   if args.steps:
     bindings.append(f"TRAIN_STEPS = {args.steps}")
-  train_lib.parse_gin(["demo.gin"], bindings + extra)
+  train_cli.parse_gin(["demo.gin"], bindings + extra)
   settings = demo_settings()
   with _quiet_fd2():
     held = build_heldout(corpus, heldout, settings["heldout_bytes"])["languages"]["Python"]
