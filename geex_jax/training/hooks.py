@@ -11,9 +11,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from geex_jax.model import partitioning
 from geex_jax.training import checkpointing
+from geex_jax.training.state import global_batch
 from geex_jax.training.step import TrainState, loss_fn
 
 
@@ -88,8 +89,6 @@ class EvalHook(Hook):
     return step % self.every == 0
 
   def measure(self, step: int, state: TrainState) -> dict:
-    from geex_jax.model import partitioning
-
     self.source.set_state(self.first_state)
     total = weight = 0.0
     with partitioning.mesh_context(self.setup.mesh):
@@ -98,12 +97,7 @@ class EvalHook(Hook):
           local = next(self.source)
         except StopIteration:
           break
-        batch = {
-          k: jax.make_array_from_process_local_data(
-            self.setup.batch_sharding, np.asarray(v), self.shape
-          )
-          for k, v in local.items()
-        }
+        batch = global_batch(self.setup, local, self.shape)
         s, w = jax.device_get(self._sums(state.params, batch))
         total, weight = total + float(s), weight + float(w)
     loss = total / max(weight, 1.0)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -113,6 +114,14 @@ def build_state(
       donate_argnums=(0,),
     )
   return StateSetup(mesh, shapes, shardings, batch_sh, step_fn, optimizer)
+
+
+def global_batch(setup: StateSetup, local: dict, shape: tuple[int, int]) -> dict:
+  """This host's rows of a batch (numpy) -> global arrays split over data x fsdp."""
+  return {
+    k: jax.make_array_from_process_local_data(setup.batch_sharding, np.asarray(v), shape)
+    for k, v in local.items()
+  }
 
 
 def initial_state(

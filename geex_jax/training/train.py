@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import gin
 import jax
-import numpy as np
 import optax
 
 from geex_jax import fileio
@@ -302,12 +301,7 @@ def train(
           break
         data_state = source.get_state()
         check_token_range(local, config.vocab_size)
-        batch = {
-          k: jax.make_array_from_process_local_data(
-            setup.batch_sharding, np.asarray(v), (batch_size, sequence_length)
-          )
-          for k, v in local.items()
-        }
+        batch = state_lib.global_batch(setup, local, (batch_size, sequence_length))
         state, metrics = setup.step_fn(state, batch, rng)
         if pending is not None:
           finish(*pending)
