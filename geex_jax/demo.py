@@ -34,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -50,7 +51,7 @@ from typing import Any, Optional, Sequence
 import gin
 import numpy as np
 
-from geex_jax.errors import ConfigError, GeexError
+from geex_jax.errors import ConfigError, GeexError, InputError
 
 PROG = "geex-demo"
 PROMPT = "def fibonacci(n):\n"
@@ -288,7 +289,7 @@ def _parse(argv):
 @dataclasses.dataclass
 class DemoResult:
   train: Any  # geex_jax.training.train.TrainResult
-  heldout_loss: float  # nats per token of the final params on the held-out set
+  heldout: HeldoutLoss  # the final params on the held-out set
   completion: str  # the sampled completion of --prompt
   paths: dict  # artifact name -> path
   eval_skipped: Optional[str]  # why the programs were not run (no sandbox), or None
@@ -316,7 +317,6 @@ def build_heldout(corpus_dir: pathlib.Path, out: pathlib.Path, max_bytes: int) -
   """
   from geex_jax.data.corpus import build_corpus, load_manifest
   from geex_jax.data.records import RecordReader
-  from geex_jax.errors import InputError
 
   info = load_manifest(str(corpus_dir))["languages"].get("Python")
   seen = set()
@@ -332,15 +332,31 @@ def build_heldout(corpus_dir: pathlib.Path, out: pathlib.Path, max_bytes: int) -
   ]
   if not files:
     raise DemoError(f"no standard-library modules in {stdlib} for a held-out set")
+  build = functools.partial(
+    build_corpus,
+    files,
+    str(out),
+    languages=["python"],
+    max_bytes_per_language=max_bytes,
+    heldout_fraction=0,  # all of it is held out already
+    progress=False,
+  )
   try:
-    return build_corpus(
-      files, str(out), languages=["python"], max_bytes_per_language=max_bytes, progress=False
-    )
+    return build()
   except InputError:  # built before from other files (another Python, another corpus)
     shutil.rmtree(out)
-    return build_corpus(
-      files, str(out), languages=["python"], max_bytes_per_language=max_bytes, progress=False
-    )
+    return build()
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldoutLoss:
+  """The model's loss on the held-out set, per UTF-8 byte (comparable across tokenizers), beside
+  what knowing only the set's own byte frequencies gives (a unigram model fitted to it)."""
+
+  nats_per_byte: float
+  unigram_nats_per_byte: float
+  tokens: int
+  bytes: int
 
 
 def heldout_loss(
@@ -349,12 +365,14 @@ def heldout_loss(
   tokenizer_dir: Optional[str],
   sequence_length: int,
   batch_size: int,
-) -> tuple[float, int]:
-  """(mean loss in nats per token, tokens) of the latest params over every held-out document."""
+) -> HeldoutLoss:
+  """The latest params' loss over every held-out document (see HeldoutLoss)."""
   import jax
   from geex_jax.model import checkpoints
   from geex_jax.training import step as train_step
   from geex_jax.data import pipeline
+  from geex_jax.inference.stop_automata import token_bytes
+  from geex_jax.tokenizer import load_tokenizer
 
   config, params = checkpoints.load_params(model_dir)
   config = config.replace(dropout_rate=0.0)
@@ -372,12 +390,27 @@ def heldout_loss(
     seed=0,
     num_epochs=1,
   )
+  # Bytes of every token id (EOD: none), as counts per byte value, to measure the text scored.
+  pieces = token_bytes(load_tokenizer(tokenizer_dir), config.vocab_size)
+  byte_counts = np.zeros((len(pieces), 256), np.int64)
+  for i, piece in enumerate(pieces):
+    np.add.at(byte_counts[i], np.frombuffer(piece, np.uint8), 1)
   loss_sum = jax.jit(lambda p, b: train_step.loss_fn(p, b, config, None, 1.0)[1])
   total, weight = 0.0, 0.0
+  histogram = np.zeros(256, np.int64)
   for batch in batches:  # fixed shapes (the last batch is zero-padded): one compile
     total += float(loss_sum(params, batch))
     weight += float(batch["decoder_loss_weights"].sum())
-  return total / max(weight, 1.0), int(weight)
+    scored = batch["decoder_target_tokens"][batch["decoder_loss_weights"] > 0]
+    histogram += np.bincount(scored, minlength=len(pieces)) @ byte_counts
+  n_bytes = int(histogram.sum())
+  p = histogram[histogram > 0] / max(n_bytes, 1)
+  return HeldoutLoss(
+    nats_per_byte=total / max(n_bytes, 1),
+    unigram_nats_per_byte=float(-(p * np.log(p)).sum()),
+    tokens=int(weight),
+    bytes=n_bytes,
+  )
 
 
 # Written when no HumanEval-X data is around: the dataset's Python fields, three easy problems.
@@ -461,7 +494,7 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
   """The demo; returns what it made (see DemoResult)."""
   args, extra = _parse(argv)
   _quiet_logs()
-  from geex_jax.training import cli as train_cli, train as train_lib
+  from geex_jax.training import cli as train_cli, metrics as metrics_lib, train as train_lib
   from geex_jax.data.corpus import build_embedded_corpus
 
   work = pathlib.Path(args.workdir).absolute()
@@ -480,7 +513,11 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
   # 1. Corpus + held-out set.
   _stage(1, f"building the embedded corpus in {corpus} ...")
   with _quiet_fd2():  # writing the shards goes through TensorFlow, whose C++ side is chatty
-    manifest = build_embedded_corpus(str(corpus), progress=False)
+    try:
+      manifest = build_embedded_corpus(str(corpus), progress=False)
+    except InputError:  # built by an older geex-jax, or with other options: build it again
+      shutil.rmtree(corpus)
+      manifest = build_embedded_corpus(str(corpus), progress=False)
   langs = manifest["languages"]
   if model_dir.exists() and not args.resume:
     shutil.rmtree(model_dir)
@@ -523,12 +560,30 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
     )
   else:
     _say(f"nothing to train: {model_dir} is already at step {result.step}")
+  evals = [
+    (step, rec)
+    for step, rec in sorted(metrics_lib.read_metrics(model_dir).items())
+    if "eval_loss" in rec
+  ]
+  if evals:
+    per_language = ", ".join(
+      f"{key.split('/', 1)[1]} {value:.2f}"
+      for key, value in evals[-1][1].items()
+      if key.startswith("eval_loss/")
+    )
+    _say(
+      "eval loss on the corpus's validation split (per token): "
+      + ", ".join(f"step {step} {rec['eval_loss']:.2f}" for step, rec in evals)
+      + (f" (last, by language: {per_language})" if per_language else "")
+    )
   t2 = time.time()
-  loss, tokens = heldout_loss(model_dir, heldout, args.tokenizer_dir, seq, batch)
-  unit = "token" if args.tokenizer_dir else "byte"
+  tokens_seen = result.step * batch * seq
+  held_loss = heldout_loss(model_dir, heldout, args.tokenizer_dir, seq, batch)
   _say(
-    f"held-out loss {loss:.3f} nats/{unit} ({loss / math.log(2):.2f} bits, perplexity "
-    f"{math.exp(loss):.2f}) on {tokens} {unit}s the training never saw "
+    f"held-out loss {held_loss.nats_per_byte:.2f} nats/byte "
+    f"({held_loss.nats_per_byte / math.log(2):.2f} bits) on {_kb(held_loss.bytes)} the training "
+    f"never saw; the set's own byte frequencies alone give "
+    f"{held_loss.unigram_nats_per_byte:.2f}, a uniform guess {math.log(256):.2f} "
     f"({time.time() - t2:.0f}s)"
   )
 
@@ -549,6 +604,13 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
   print(args.prompt + completion.text)
   print("-" * 66)
   _say(f"ended by: {completion.finish_reason} ({time.time() - t3:.0f}s)")
+  _say(
+    f"expect text shaped like code, not programs: a {config.num_params() / 1e6:.1f}M-parameter "
+    f"model that has read {tokens_seen / 1e6:.1f}M tokens scores "
+    f"{held_loss.nats_per_byte:.2f} nats/byte where byte frequencies score "
+    f"{held_loss.unigram_nats_per_byte:.2f}; working completions need the released 13B weights "
+    "(README: Converting the released weights) or a long run (the geex-train command below)"
+  )
 
   # 4. PyTorch and back.
   _stage(4, "converting the checkpoint to the released PyTorch layout and back ...")
@@ -591,7 +653,7 @@ def run(argv: Optional[Sequence[str]] = None) -> DemoResult:
   for name, path in paths.items():
     print(f"  {name + ':':<{width + 1}} {path}")
   _next_steps(args, paths, config)
-  return DemoResult(result, loss, completion.text, paths, skipped)
+  return DemoResult(result, held_loss, completion.text, paths, skipped)
 
 
 def _evaluate(args, sampler, settings: dict, paths: dict) -> Optional[str]:

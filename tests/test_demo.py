@@ -2,13 +2,13 @@
 few steps of a very small model (the stages, their artifacts and the printed summary)."""
 
 import json
-import math
 
 import gin
 import numpy as np
 import pytest
 
 from geex_jax import demo
+from geex_jax.data import records
 from geex_jax.model import checkpoints
 
 SMALL = [
@@ -26,7 +26,12 @@ def test_demo_runs_every_stage(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("GEEX_SHARED", str(tmp_path / "no_shared"))  # its own problems
   gin.clear_config()
   try:
-    res = demo.run(["--workdir", str(tmp_path), "--steps", "4", "--max_new_tokens", "8", *SMALL])
+    res = demo.run(
+      [
+        *("--workdir", str(tmp_path), "--steps", "4", "--max_new_tokens", "8"),
+        *(*SMALL, "--gin.train.eval_every=2"),
+      ]
+    )
   finally:
     gin.clear_config()
   out = capsys.readouterr().out
@@ -35,10 +40,26 @@ def test_demo_runs_every_stage(tmp_path, capsys, monkeypatch):
   corpus = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
   held = json.loads((tmp_path / "heldout" / "manifest.json").read_text())
   assert "Python" in corpus["languages"] and held["languages"]["Python"]["documents"] >= 2
-  # 2. training (4 steps, checkpoint) and a finite held-out loss near the untrained ln(512).
+  # 2. training (4 steps, checkpoint) and the held-out loss per byte of the held-out text it
+  # scores (tag lines + documents, less each document's first token: its input is EOD, weight 0),
+  # beside the entropy of that text's own byte frequencies: an untrained model is near uniform,
+  # so it is worse than those.
   assert res.train.step == 4 and checkpoints.latest_step(tmp_path / "run") == 4
-  assert math.isfinite(res.heldout_loss) and 0 < res.heldout_loss < 7
-  assert "held-out loss" in out
+  text = b"".join(
+    (b"# language: Python\n" + doc)[1:]
+    for doc in records.RecordReader(
+      [str(tmp_path / "heldout" / s) for s in held["languages"]["Python"]["shards"]]
+    )
+  )
+  counts = np.bincount(np.frombuffer(text, np.uint8), minlength=256)
+  p = counts[counts > 0] / len(text)
+  assert res.heldout.bytes == len(text)
+  assert res.heldout.unigram_nats_per_byte == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)
+  assert res.heldout.unigram_nats_per_byte < res.heldout.nats_per_byte < 7
+  assert "held-out loss" in out and "byte frequencies alone" in out
+  # ... and the corpus's validation split, scored during training (steps 2 and 4).
+  assert "validation split (per token): step 2 " in out and ", step 4 " in out
+  assert "by language: python " in out
   # 3. the completion is printed after its prompt.
   assert "prompt + completion" in out and demo.PROMPT + res.completion in out
   # 4. PyTorch file and the verified checkpoint converted back from it.

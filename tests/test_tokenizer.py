@@ -100,8 +100,23 @@ def test_byte_fallback_round_trip():
   bt = ByteTokenizer()
   text = "déjà vu  \n\tok 🎉"
   assert bt.decode(bt.encode(text)) == text
-  assert max(bt.encode(text)) < 256 and bt.eos_id == 256 and bt.vocab_size == 257
+  assert bt.eos_id == 256 and bt.vocab_size == 266
   assert bt.decode([104, 105, 256]) == "hi<|endoftext|>"
+
+
+def test_byte_fallback_whitespace_runs():
+  """Runs of 2..10 spaces are one id each (257 + n - 2), split as CodeGeeX splits them."""
+  bt = ByteTokenizer()
+  assert bt.encode("a b") == [97, 32, 98]  # a single space is a byte
+  assert bt.encode("    x") == [259, 120]  # 4 spaces
+  assert bt.encode(" " * 13) == [265, 258]  # 10 + 3
+  assert bt.encode(" " * 11 + "y") == [265, 32, 121]  # 10 + the single space left over
+  assert bt.encode("\t  é") == [9, 257, 0xC3, 0xA9]
+  for n in range(0, 40):
+    text = "def f():\n" + " " * n + "return 1  # x"
+    assert bt.decode(bt.encode(text)) == text
+  with pytest.raises(InputError, match=r"0\.\.265"):
+    bt.decode([266])
 
 
 def test_load_tokenizer(tokenizer_dir, tmp_path):

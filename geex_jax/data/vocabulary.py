@@ -20,7 +20,7 @@ tf = import_tf()
 
 
 class CodeGeeXVocabulary(seqio.Vocabulary):
-  """seqio view of `geex_jax.tokenizer`: EOS = pad = 50256 (257 = 256 for the byte fallback).
+  """seqio view of `geex_jax.tokenizer`: EOS = pad = 50256 (256 for the byte fallback).
 
   Args:
     tokenizer_dir: the released tokenizer files; None = byte-level fallback.

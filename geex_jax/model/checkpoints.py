@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import contextlib
 import logging
 import mmap
 import os
@@ -154,7 +155,9 @@ def load_params(
   config = load_config(directory)
   path = params_path(directory)
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
+    # A trainer's params/ sits inside a step directory whose _CHECKPOINT_METADATA is one level
+    # up; Orbax warns that params/ has none of its own, which is expected.
+    with _absl_without("Metadata file does not exist"), ocp.PyTreeCheckpointer() as ckptr:
       metadata = ckptr.metadata(path)
       tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
       if shardings is None:
@@ -379,6 +382,18 @@ class _DropMessage(logging.Filter):
     return self.text not in str(record.msg)
 
 
+@contextlib.contextmanager
+def _absl_without(text: str):
+  """Orbax logs through absl; drop its messages containing `text` (expected, not actionable)."""
+  quiet = _DropMessage(text)
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
 def save_params_streaming(
   directory: os.PathLike,
   config: CodeGeeXConfig,
@@ -410,14 +425,8 @@ def save_params_streaming(
   )
   # Orbax's finalize tries an OCDBT merge whatever the format and warns that a plain zarr
   # checkpoint has nothing to merge; that is expected here.
-  quiet = _DropMessage("Skipping merge of OCDBT checkpoints")
-  absl_logger = logging.getLogger("absl")
-  absl_logger.addFilter(quiet)
-  try:
-    with ocp.Checkpointer(handler) as ckptr:
-      ckptr.save(path / PARAMS_ITEM, tree, force=True)
-  finally:
-    absl_logger.removeFilter(quiet)
+  with _absl_without("Skipping merge of OCDBT checkpoints"), ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(path / PARAMS_ITEM, tree, force=True)
   if not fileio.is_url(path):  # a GCS object is durable once its upload has finished
     sync_tree(path)
 
