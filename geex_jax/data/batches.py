@@ -1,5 +1,5 @@
 """Batch sources for the trainer, chosen in gin (`train.data_source = @synthetic_batches` or
-`@pipeline_batches`).
+`@pipeline_batches`; `train.eval_source = @heldout_batches`: one held-out source per language).
 
 A batch source is called as `source(batch_size=, sequence_length=, seed=, shard_index=,
 num_shards=)` and returns an iterator of dicts of numpy arrays [batch_size, sequence_length]
@@ -14,11 +14,13 @@ sees exactly the batches the interrupted one would have seen.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import gin
 import numpy as np
 
+from geex_jax import languages as langs
+from geex_jax.data import catalog
 from geex_jax.errors import ConfigError
 
 # Imported now, not when first used: its gin configurables (register_corpus_tasks.rates, ...)
@@ -163,27 +165,98 @@ def pipeline_batches(
   mixture_or_task: Optional[str] = None,
   corpus_dir: Optional[str] = None,
   tokenizer_dir: Optional[str] = None,
+  split: str = "train",
 ):
   """The packed-batch pipeline of geex_jax.data: a registered `mixture_or_task`, or the tasks of a
   built corpus (`corpus_dir`, tokenized with `tokenizer_dir`, or bytes when None).
 
   batch_size is the global batch; this host reads batch_size // num_shards rows of its own
-  documents (the pipeline shards documents, not rows, across hosts).
+  documents (the pipeline shards documents, not rows, across hosts). split "validation" reads the
+  held-out documents (an endless stream; `heldout_batches` gives finite ones per language).
   """
-  if batch_size % num_shards:
-    raise ConfigError(f"batch size {batch_size} is not divisible by {num_shards} data shards")
-  if corpus_dir:
-    # seqio_tasks=False: the trainer reads the corpus directly; no TensorFlow import.
-    mixture_or_task = data_pipeline.register_corpus_tasks(
-      corpus_dir, tokenizer_dir=tokenizer_dir, seqio_tasks=False
-    )
-  if not mixture_or_task:
-    raise ConfigError("pipeline_batches needs mixture_or_task or corpus_dir")
+  _check_rows(batch_size, num_shards)
   return data_pipeline.make_batch_iterator(
-    mixture_or_task=mixture_or_task,
+    mixture_or_task=_mixture(mixture_or_task, corpus_dir, tokenizer_dir, "pipeline_batches"),
     sequence_length=sequence_length,
     batch_size=batch_size // num_shards,
     seed=seed,
     shard_index=shard_index,
     num_shards=num_shards,
+    split=split,
   )
+
+
+@gin.configurable
+def heldout_batches(
+  *,
+  batch_size: int,
+  sequence_length: int,
+  seed: int,
+  shard_index: int = 0,
+  num_shards: int = 1,
+  mixture_or_task: Optional[str] = None,
+  corpus_dir: Optional[str] = None,
+  tokenizer_dir: Optional[str] = None,
+  languages: Optional[Sequence[str]] = None,
+) -> dict:
+  """{language slug: batch source} over each language's held-out (validation) documents, for
+  `train.eval_source`: the trainer reports `eval_loss/<slug>` per language and `eval_loss` over all
+  of them, token-weighted.
+
+  Each source is one pass over its language's held-out documents in a seeded order, then ends (the
+  last batch zero-padded): an evaluation scores its first `train.eval_batches` batches, or all of
+  them when there are fewer. The languages are those of the mixture (`mixture_or_task`, or the
+  corpus at `corpus_dir`) that have held-out documents, or only `languages` (names or aliases).
+  """
+  _check_rows(batch_size, num_shards)
+  spec = catalog.get(_mixture(mixture_or_task, corpus_dir, tokenizer_dir, "heldout_batches"))
+  wanted = None
+  if languages is not None:
+    try:
+      wanted = {langs.get(n).name for n in languages}
+    except langs.UnknownLanguageError as e:
+      raise ConfigError(f"heldout_batches.languages: {e}") from None
+  tasks = [
+    t
+    for t in spec.tasks
+    if t.num_validation_documents > 0 and (wanted is None or t.language in wanted)
+  ]
+  if not tasks:
+    which = f" of {sorted(wanted)}" if wanted is not None else ""
+    raise ConfigError(
+      f"{spec.name}: no language{which} has held-out documents; rebuild the corpus with "
+      "`geex-data build --heldout-fraction F` (F > 0; corpora built before the held-out split "
+      "have none), or set train.eval_every = 0"
+    )
+  return {
+    langs.get(t.language).slug: data_pipeline.make_batch_iterator(
+      mixture_or_task=t.name,
+      sequence_length=sequence_length,
+      batch_size=batch_size // num_shards,
+      seed=seed,
+      shard_index=shard_index,
+      num_shards=num_shards,
+      num_epochs=1,
+      split="validation",
+    )
+    for t in tasks
+  }
+
+
+def _check_rows(batch_size: int, num_shards: int) -> None:
+  if batch_size % num_shards:
+    raise ConfigError(f"batch size {batch_size} is not divisible by {num_shards} data shards")
+
+
+def _mixture(
+  mixture_or_task: Optional[str], corpus_dir: Optional[str], tokenizer_dir: Optional[str], who: str
+) -> str:
+  """The registered mixture or task to read: `mixture_or_task`, or the corpus at `corpus_dir`."""
+  if corpus_dir:
+    # seqio_tasks=False: the trainer reads the corpus directly; no TensorFlow import.
+    return data_pipeline.register_corpus_tasks(
+      corpus_dir, tokenizer_dir=tokenizer_dir, seqio_tasks=False
+    )
+  if not mixture_or_task:
+    raise ConfigError(f"{who} needs mixture_or_task or corpus_dir")
+  return mixture_or_task

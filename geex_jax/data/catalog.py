@@ -22,6 +22,20 @@ class TaskSpec:
   shards: tuple[str, ...]  # absolute TFRecord paths, in order
   num_documents: int
   tokenizer_dir: Optional[str]  # None = byte-level fallback
+  # The held-out split (corpus.is_heldout): absolute TFRecord paths, empty when the corpus has none.
+  validation_shards: tuple[str, ...] = ()
+  num_validation_documents: int = 0
+
+  def split(self, split: str) -> "TaskSpec":
+    """This task reading `split`: "train" (itself) or "validation" (its held-out shards in
+    place of the training shards)."""
+    if split == "train":
+      return self
+    if split == "validation":
+      return dataclasses.replace(
+        self, shards=self.validation_shards, num_documents=self.num_validation_documents
+      )
+    raise ConfigError(f"unknown split {split!r} (train or validation)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from geex_jax.data import corpus
 from geex_jax.errors import InputError, cli_errors
 
 PROG = "geex-data"
@@ -40,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument(
     "--flush-mb", type=int, default=256, help="MB of text per flush (shard and resume granularity)"
   )
+  b.add_argument(
+    "--heldout-fraction",
+    "--heldout_fraction",
+    type=float,
+    default=None,
+    metavar="F",
+    help="share of each language's documents held out as its validation split, chosen by "
+    f"content hash (default {corpus.DEFAULT_HELDOUT_FRACTION}, "
+    f"--embedded {corpus.EMBEDDED_HELDOUT_FRACTION}; 0 = none)",
+  )
   b.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -47,12 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
   args = _parser().parse_args(argv)
   with cli_errors(PROG):
-    from geex_jax.data import corpus
-
+    heldout = {} if args.heldout_fraction is None else {"heldout_fraction": args.heldout_fraction}
     if args.embedded:
       if args.src or args.languages:
         raise InputError("--embedded takes no --src or --languages")
-      m = corpus.build_embedded_corpus(args.out, progress=not args.no_progress)
+      m = corpus.build_embedded_corpus(args.out, progress=not args.no_progress, **heldout)
     else:
       if args.flush_mb < 1:
         raise InputError("--flush-mb must be >= 1")
@@ -62,12 +72,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         languages=args.languages,
         flush_bytes=args.flush_mb << 20,
         progress=not args.no_progress,
+        **heldout,
       )
     dropped = ", ".join(f"{k} {v}" for k, v in m["dropped"].items() if v)
     langs = ", ".join(f"{n} {c['documents']}" for n, c in sorted(m["languages"].items()))
+    held = m.get("validation_documents", 0)
     print(
       f"{args.out}: kept {m['kept']} of {m['files']} source files "
-      f"({m['bytes'] / 1e6:.1f} MB); dropped: {dropped or 'none'}; per language: {langs}"
+      f"({m['bytes'] / 1e6:.1f} MB; {held} held out for validation); "
+      f"dropped: {dropped or 'none'}; per language: {langs}"
     )
 
 

@@ -3,7 +3,14 @@
 Layout of a corpus directory:
   manifest.json                 counts per language and per filter reason, shard lists, options
   <slug>/<slug>-NNNNN.tfrecord  one record per kept file (its UTF-8 text), NNNNN = flush number
+  <slug>/<slug>-validation-NNNNN.tfrecord  the held-out documents of the same flush
   .build/state.json, hashes.bin resume state (kept after completion, so a rerun is a no-op)
+
+Held-out split: a kept document is held out (validation) when its content hash falls below
+`heldout_fraction` (`is_heldout`), so membership depends on the text alone: not on file order,
+paths, the other sources or the flush size, and a duplicate can never land in both splits.
+Per language the manifest records `documents`/`shards` (train) and `validation_documents`/
+`validation_shards`; manifests written before the split have no validation fields (no split).
 
 Resumable: files are visited in a deterministic (sorted) order and buffered; every `flush_bytes`
 the buffers are written as one new shard per language, then the dedup hashes, then the state, each
@@ -30,6 +37,7 @@ MANIFEST = "manifest.json"
 FORMAT = "geex-corpus/1"
 _STATE_DIR = ".build"
 _HASH_BYTES = 16
+DEFAULT_HELDOUT_FRACTION = 0.01
 _SKIP_DIRS = frozenset(
   {"__pycache__", ".git", ".hg", ".svn", "node_modules", "site-packages", "dist-packages"}
 )
@@ -51,6 +59,33 @@ def walk_sources(sources: Sequence[str]) -> Iterable[str]:
         yield os.path.join(root, name)
 
 
+def is_heldout(digest: bytes, fraction: float) -> bool:
+  """Whether the document whose blake2b content digest is `digest` is held out: its first 8 bytes,
+  read as a number in [0, 1), fall below `fraction`."""
+  return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+
+
+def content_digest(data: bytes) -> bytes:
+  """The content hash behind deduplication and the held-out split."""
+  return hashlib.blake2b(data, digest_size=_HASH_BYTES).digest()
+
+
+def _check_fraction(fraction: float) -> float:
+  try:
+    fraction = float(fraction)
+  except (TypeError, ValueError):
+    raise InputError(f"heldout_fraction {fraction!r} is not a number") from None
+  if not 0.0 <= fraction < 1.0:
+    raise InputError(f"heldout_fraction {fraction} is not in [0, 1)")
+  return fraction
+
+
+def _option_changes(saved: Optional[dict], now: dict) -> str:
+  saved = saved or {}
+  keys = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
+  return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys)
+
+
 def _resolve_languages(names: Optional[Sequence[str]]) -> Optional[list[str]]:
   if not names:
     return None
@@ -70,6 +105,7 @@ def _empty_counts(lang_names: Iterable[str]) -> dict:
     "bytes": 0,
     "unknown_extension": 0,
     "other_language": 0,
+    "validation_documents": 0,
     "dropped": {r: 0 for r in F.REASONS},
     "languages": {
       n: {
@@ -81,6 +117,10 @@ def _empty_counts(lang_names: Iterable[str]) -> dict:
         "dropped": {r: 0 for r in F.REASONS},
         "shards": [],
         "shard_documents": [],
+        "validation_documents": 0,
+        "validation_bytes": 0,
+        "validation_shards": [],
+        "validation_shard_documents": [],
       }
       for n in lang_names
     },
@@ -90,13 +130,24 @@ def _empty_counts(lang_names: Iterable[str]) -> dict:
 class _Builder:
   """One build run; `run()` returns the manifest."""
 
-  def __init__(self, sources, out, languages, cfg, flush_bytes, max_bytes_per_language, progress):
+  def __init__(
+    self,
+    sources,
+    out,
+    languages,
+    cfg,
+    flush_bytes,
+    max_bytes_per_language,
+    heldout_fraction,
+    progress,
+  ):
     self.sources = [os.path.abspath(s) for s in sources]
     self.out = out
     self.languages = languages
     self.cfg = cfg
     self.flush_bytes = flush_bytes
     self.budget = max_bytes_per_language
+    self.heldout_fraction = heldout_fraction
     self.progress = progress
     self.state_dir = os.path.join(out, _STATE_DIR)
     self.options = {
@@ -104,6 +155,7 @@ class _Builder:
       "languages": languages,
       "filters": dataclasses.asdict(cfg),
       "max_bytes_per_language": max_bytes_per_language,
+      "heldout_fraction": heldout_fraction,
     }
 
   def run(self) -> dict:
@@ -113,14 +165,15 @@ class _Builder:
         manifest = json.load(f)
       if manifest.get("options") != self.options:
         raise InputError(
-          f"{self.out} already holds a corpus built with other options; "
+          f"{self.out} already holds a corpus built with other options "
+          f"({_option_changes(manifest.get('options'), self.options)}); "
           "use another --out or delete it"
         )
       return manifest  # a completed build: rerunning is a no-op
     os.makedirs(self.state_dir, exist_ok=True)
     files = [p for p in walk_sources(self.sources)]
     self._load_or_init_state(files)
-    buffers: dict[str, list[bytes]] = {}
+    buffers: dict[tuple[str, str], list[bytes]] = {}
     buffered = 0
     self._open_hashes()
     try:
@@ -137,8 +190,8 @@ class _Builder:
       for i in range(self.state["files_done"], len(files)):
         doc = self._visit(files[i])
         if doc is not None:
-          lang, data = doc
-          buffers.setdefault(lang, []).append(data)
+          lang, split, data = doc
+          buffers.setdefault((lang, split), []).append(data)
           buffered += len(data)
         bar.update(1)
         if buffered >= self.flush_bytes:
@@ -149,7 +202,7 @@ class _Builder:
     finally:
       self._hashes_file.close()
     manifest = {"format": FORMAT, "complete": True, "options": self.options, **self.state["counts"]}
-    # Only languages with documents are part of the corpus (and get a seqio task).
+    # Only languages with (training) documents are part of the corpus (and get a seqio task).
     manifest["languages"] = {n: c for n, c in manifest["languages"].items() if c["documents"]}
     _atomic_write_json(manifest_path, manifest)
     return manifest
@@ -160,9 +213,10 @@ class _Builder:
       with open(path, encoding="utf-8") as f:
         state = json.load(f)
       if state["options"] != self.options or state["num_files"] != len(files):
+        changes = _option_changes(state["options"], self.options)
         raise InputError(
-          f"{self.out} holds an unfinished build with other sources or options; "
-          "use another --out or delete it"
+          f"{self.out} holds an unfinished build with other sources or options"
+          f"{f' ({changes})' if changes else ''}; use another --out or delete it"
         )
     else:
       names = self.languages or [l.name for l in langs.LANGUAGES]
@@ -176,7 +230,11 @@ class _Builder:
       }
     self.state = state
     # Shards written after the last saved state belong to files that will be visited again.
-    known = {s for c in state["counts"]["languages"].values() for s in c["shards"]}
+    known = {
+      s
+      for c in state["counts"]["languages"].values()
+      for s in (*c["shards"], *c["validation_shards"])
+    }
     for c in state["counts"]["languages"].values():
       d = os.path.join(self.out, c["slug"])
       if os.path.isdir(d):
@@ -200,7 +258,8 @@ class _Builder:
     if lang is not None:
       lang["dropped"][reason] += 1
 
-  def _visit(self, path: str) -> Optional[tuple[str, bytes]]:
+  def _visit(self, path: str) -> Optional[tuple[str, str, bytes]]:
+    """(language, "train" | "validation", text) of a kept file; None when it is dropped."""
     counts = self.state["counts"]
     lang = langs.from_path(path)
     if lang is None:
@@ -212,7 +271,7 @@ class _Builder:
     lc = counts["languages"][lang.name]
     counts["files"] += 1
     lc["files"] += 1
-    if self.budget is not None and lc["bytes"] >= self.budget:
+    if self.budget is not None and lc["bytes"] + lc["validation_bytes"] >= self.budget:
       self._drop(lc, "over_budget")
       return None
     try:
@@ -226,7 +285,7 @@ class _Builder:
     if reason is None:
       reason, _ = F.content_reason(data, self.cfg)
     if reason is None:
-      digest = hashlib.blake2b(data, digest_size=_HASH_BYTES).digest()
+      digest = content_digest(data)
       if digest in self.seen:
         reason = "duplicate"
       else:
@@ -237,19 +296,27 @@ class _Builder:
       return None
     counts["kept"] += 1
     counts["bytes"] += len(data)
+    if is_heldout(digest, self.heldout_fraction):
+      counts["validation_documents"] += 1
+      lc["validation_documents"] += 1
+      lc["validation_bytes"] += len(data)
+      return lang.name, "validation", data
     lc["documents"] += 1
     lc["bytes"] += len(data)
-    return lang.name, data
+    return lang.name, "train", data
 
-  def _flush(self, buffers: dict[str, list[bytes]], files_done: int) -> None:
+  def _flush(self, buffers: dict[tuple[str, str], list[bytes]], files_done: int) -> None:
     counts = self.state["counts"]
     flush = self.state["flushes"]
-    for name in sorted(buffers):
+    for name, split in sorted(buffers):
       lc = counts["languages"][name]
-      rel = f"{lc['slug']}/{lc['slug']}-{flush:05d}.tfrecord"
+      prefix = "" if split == "train" else "validation_"
+      infix = "" if split == "train" else "validation-"
+      rel = f"{lc['slug']}/{lc['slug']}-{infix}{flush:05d}.tfrecord"
       os.makedirs(os.path.join(self.out, lc["slug"]), exist_ok=True)
-      lc["shard_documents"].append(write_records(os.path.join(self.out, rel), buffers[name]))
-      lc["shards"].append(rel)
+      n = write_records(os.path.join(self.out, rel), buffers[name, split])
+      lc[f"{prefix}shard_documents"].append(n)
+      lc[f"{prefix}shards"].append(rel)
     self._hashes_file.seek(self.state["hashes_len"])
     self._hashes_file.write(b"".join(self._new_hashes))
     self._hashes_file.flush()
@@ -269,6 +336,7 @@ def build_corpus(
   filter_config: F.FilterConfig = F.FilterConfig(),
   flush_bytes: int = 256 << 20,
   max_bytes_per_language: Optional[int] = None,
+  heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
   progress: bool = True,
 ) -> dict:
   """Builds (or resumes, or finds complete) the corpus in `out`; returns its manifest.
@@ -279,11 +347,15 @@ def build_corpus(
     languages: restrict to these languages (names or aliases); None = every registered language.
     filter_config: thresholds of the paper's filters.
     flush_bytes: buffered text written per flush (shard granularity and resume granularity).
-    max_bytes_per_language: stop taking files of a language past this many bytes (embedded demo).
+    max_bytes_per_language: stop taking files of a language past this many bytes, train and
+      held-out together (embedded demo).
+    heldout_fraction: the share of documents held out as the validation split, chosen by content
+      hash (`is_heldout`); 0 = none.
     progress: show a tqdm progress bar on stderr.
   """
   if not sources:
     raise InputError("no --src directory given")
+  heldout_fraction = _check_fraction(heldout_fraction)
   for s in sources:
     if fileio.is_url(s):
       raise InputError(f"source {s!r}: the builder reads local directories (copy it here first)")
@@ -310,6 +382,7 @@ def build_corpus(
     filter_config,
     flush_bytes,
     max_bytes_per_language,
+    heldout_fraction,
     progress,
   )
   return builder.run()
@@ -324,12 +397,20 @@ def embedded_sources() -> list[str]:
 
 # 512 KiB per language keeps the embedded corpus at a few MB and its build at seconds.
 EMBEDDED_BYTES_PER_LANGUAGE = 512 << 10
+# A few held-out documents per language even at that size (1% would be one or none).
+EMBEDDED_HELDOUT_FRACTION = 0.05
 
 
-def build_embedded_corpus(out: str, *, progress: bool = True) -> dict:
+def build_embedded_corpus(
+  out: str, *, heldout_fraction: float = EMBEDDED_HELDOUT_FRACTION, progress: bool = True
+) -> dict:
   """The demo corpus: a few MB from `embedded_sources()`, built in seconds, no download."""
   return build_corpus(
-    embedded_sources(), out, max_bytes_per_language=EMBEDDED_BYTES_PER_LANGUAGE, progress=progress
+    embedded_sources(),
+    out,
+    max_bytes_per_language=EMBEDDED_BYTES_PER_LANGUAGE,
+    heldout_fraction=heldout_fraction,
+    progress=progress,
   )
 
 

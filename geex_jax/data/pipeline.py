@@ -82,12 +82,20 @@ def register_corpus_tasks(
   tokenizer_dir = fileio.resolve(tokenizer_dir) if tokenizer_dir else None
   load_tokenizer(tokenizer_dir)  # fail now, with a clear message, on a bad directory
   specs = []
+  root = fileio.resolve(corpus_dir)
   for lang_name, info in sorted(manifest["languages"].items()):
     lang = langs.get(lang_name)
-    shards = tuple(os.path.join(fileio.resolve(corpus_dir), s) for s in info["shards"])
     specs.append(
       catalog.TaskSpec(
-        f"{name}_{lang.slug}", lang.name, lang.tag, shards, int(info["documents"]), tokenizer_dir
+        f"{name}_{lang.slug}",
+        lang.name,
+        lang.tag,
+        tuple(os.path.join(root, s) for s in info["shards"]),
+        int(info["documents"]),
+        tokenizer_dir,
+        # Corpora built before the held-out split have neither field: no validation split.
+        validation_shards=tuple(os.path.join(root, s) for s in info.get("validation_shards", ())),
+        num_validation_documents=int(info.get("validation_documents", 0)),
       )
     )
   if not specs:
@@ -304,6 +312,25 @@ class BatchIterator:
     self._reset(int(state["position"]), state["counts"], int(state["offset"]))
 
 
+def split_spec(spec: catalog.MixtureSpec, split: str) -> catalog.MixtureSpec:
+  """`spec` reading `split`; for "validation" only its tasks that have held-out documents (rates
+  renormalised). ConfigError when none has any."""
+  if split == "train":
+    return spec
+  tasks = [t.split(split) for t in spec.tasks]
+  kept = [(t, r) for t, r in zip(tasks, spec.rates) if t.num_documents > 0]
+  if not kept:
+    raise ConfigError(
+      f"{spec.name}: no held-out ({split}) documents; rebuild the corpus with "
+      "`geex-data build --heldout-fraction F` (F > 0; corpora built before the held-out split "
+      "have none)"
+    )
+  total = sum(r for _, r in kept)
+  return catalog.MixtureSpec(
+    spec.name, tuple(t for t, _ in kept), tuple(r / total for _, r in kept)
+  )
+
+
 @gin.configurable("make_batch_iterator", allowlist=["num_epochs"])
 def make_batch_iterator(
   *,
@@ -314,6 +341,7 @@ def make_batch_iterator(
   shard_index: int = 0,
   num_shards: int = 1,
   num_epochs: Optional[int] = None,
+  split: str = "train",
 ) -> BatchIterator:
   """Packed LM batches of a registered mixture or task, for one host.
 
@@ -326,10 +354,12 @@ def make_batch_iterator(
       jax.process_count()); hosts see disjoint documents whose union is the 1-host stream.
     num_epochs: None = endless; else stop once a task would start its (num_epochs+1)-th pass
       (for a single task: exactly num_epochs passes; the last batch is zero-padded).
+    split: "train", or "validation": the held-out documents of each task (tasks without any
+      are left out of a mixture).
   Returns:
     a BatchIterator (`next()`, `get_state()`, `set_state(state)`).
   """
-  spec = catalog.get(mixture_or_task)
+  spec = split_spec(catalog.get(mixture_or_task), split)
   tokenizer_dirs = {t.tokenizer_dir for t in spec.tasks}
   if len(tokenizer_dirs) != 1:
     raise ConfigError(f"{mixture_or_task}: tasks use different tokenizers {tokenizer_dirs}")
@@ -354,6 +384,8 @@ def make_batch_iterator(
     "num_shards": num_shards,
     "num_epochs": num_epochs,
   }
+  if split != "train":  # states saved before splits existed carry no "split": they are train
+    fingerprint["split"] = split
   return BatchIterator(
     stream, sequence_length=sequence_length, batch_size=batch_size, fingerprint=fingerprint
   )

@@ -1,6 +1,7 @@
 """seqio Tasks (one per corpus language) and the Mixture, for seqio/t5x users.
 
-Task `{mixture}_{slug}`: source = the language's TFRecord shards (one UTF-8 document per record);
+Task `{mixture}_{slug}`: source = the language's TFRecord shards (one UTF-8 document per record;
+split "train", and "validation" when the corpus holds held-out documents);
 preprocessors: prepend the tag line, tokenize, append EOD; output feature "targets". The batch
 pipeline (pipeline.py) produces the same documents without TensorFlow; the tests compare them.
 Use with `seqio.get_dataset(name, {"targets": L}, feature_converter=...)`; note that seqio's
@@ -26,9 +27,12 @@ def _read_documents(files: tf.data.Dataset) -> tf.data.Dataset:
 
 
 @seqio.map_over_dataset
-def _tag_line(example, tag: str):
+def tag_line(example, tag: str):
   """{"text"} -> {"targets": TAG + "\\n" + text}: the sample format of CodeGeeX."""
   return {"targets": tf.strings.join([tag + "\n", example["text"]])}
+
+
+_tag_line = tag_line
 
 
 def register_seqio(mixture: str, specs: Sequence[catalog.TaskSpec], rates: Sequence[float]) -> None:
@@ -36,16 +40,23 @@ def register_seqio(mixture: str, specs: Sequence[catalog.TaskSpec], rates: Seque
   vocabs = {}
   for spec in specs:
     vocab = vocabs.setdefault(spec.tokenizer_dir, CodeGeeXVocabulary(spec.tokenizer_dir))
+    splits = {"train": list(spec.shards)}
+    sizes = {"train": spec.num_documents}
+    # Held-out documents (catalog.TaskSpec.validation_shards, when the corpus has them).
+    validation = tuple(getattr(spec, "validation_shards", ()) or ())
+    if validation:
+      splits["validation"] = list(validation)
+      sizes["validation"] = int(getattr(spec, "num_validation_documents", 0) or 0) or None
     seqio.TaskRegistry.remove(spec.name)
     seqio.TaskRegistry.add(
       spec.name,
       source=seqio.FileDataSource(
         read_file_fn=_read_documents,
-        split_to_filepattern={"train": list(spec.shards)},
-        num_input_examples={"train": spec.num_documents},
+        split_to_filepattern=splits,
+        num_input_examples={k: v for k, v in sizes.items() if v is not None},
       ),
       preprocessors=[
-        functools.partial(_tag_line, tag=spec.tag),
+        functools.partial(tag_line, tag=spec.tag),
         seqio.preprocessors.tokenize,
         seqio.preprocessors.append_eos,
       ],

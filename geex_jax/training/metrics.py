@@ -116,6 +116,14 @@ def _lines_up_to(text: str, start: int) -> list[str]:
   return kept
 
 
+def tensorboard_tag(key: str) -> str:
+  """The TensorBoard tag of a metrics key: held-out values under eval/ (`eval_loss/python` ->
+  `eval/loss/python`), the rest under train/."""
+  if key.startswith("eval_"):
+    return "eval/" + key[len("eval_") :]
+  return f"train/{key}"
+
+
 class Reporter:
   """Console progress bar, TensorBoard events and MODEL_DIR/metrics.jsonl (process 0 only)."""
 
@@ -152,7 +160,7 @@ class Reporter:
     self.jsonl.write({"step": step, **metrics})
     if self.tb is not None:
       for k, v in metrics.items():
-        self.tb.add_scalar(f"train/{k}", v, step)
+        self.tb.add_scalar(tensorboard_tag(k), v, step)
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
       shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['learning_rate']:.2e}"}

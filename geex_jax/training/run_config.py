@@ -36,6 +36,10 @@ RESUME_SAFE = frozenset(
     "train.peak_flops_per_device",
     "train.eval_every",
     "train.eval_batches",
+    "train.eval_source",  # what is scored, not what is learned
+    "heldout_batches.corpus_dir",
+    "heldout_batches.tokenizer_dir",
+    "heldout_batches.languages",
     "train.profile_start_step",
     "train.profile_steps",
     "synthetic_batches.delay_s",  # pacing of the test source, not its data

@@ -140,8 +140,10 @@ def train(
     peak_flops_per_device: MFU denominator override (needed on CPU).
     stop_at_step: stop (with a checkpoint) at this step although the schedule runs to num_steps.
     allow_config_change: resume although the bindings differ from MODEL_DIR/config.gin.
-    eval_source: a batch source factory like data_source (e.g. held-out documents); with
-      eval_every > 0, `eval_batches` of its batches are scored every `eval_every` steps.
+    eval_source: a batch source factory like data_source, or one returning {name: source}
+      (e.g. @heldout_batches: a held-out source per language); with eval_every > 0, up to
+      `eval_batches` batches of each source are scored every `eval_every` steps (eval_loss, and
+      eval_loss/<name> per named source). It is opened only when this run reaches an eval step.
     profile_start_step, profile_steps: trace steps (start, start + n] into MODEL_DIR/profile.
   """
   _check_required(
@@ -210,9 +212,14 @@ def train(
     if is_main:
       checkpoints.save_config(model_dir, config)
     evaluator = None
-    if eval_every > 0:
-      if eval_source is None:
-        raise ConfigError("train.eval_every is set but train.eval_source is not")
+    end = num_steps if stop_at_step is None else min(num_steps, stop_at_step)
+    if eval_every > 0 and eval_source is None:
+      raise ConfigError("train.eval_every is set but train.eval_source is not")
+    # A run that reaches no eval step does not open the held-out data (a short run of
+    # runs/pretrain.gin on synthetic data has no held-out corpus).
+    if eval_every > 0 and end // eval_every > start // eval_every:
+      if eval_batches < 1:
+        raise ConfigError(f"train.eval_batches must be >= 1, got {eval_batches}")
       evaluator = hooks_lib.EvalHook(
         eval_source(**source_args),
         every=eval_every,
@@ -225,9 +232,7 @@ def train(
   except BaseException:
     checkpointing.close_manager(manager)  # a bad INIT_FROM or checkpoint: end Orbax's threads
     raise
-  data_state = source.get_state()
 
-  end = num_steps if stop_at_step is None else min(num_steps, stop_at_step)
   tokens_per_step = batch_size * sequence_length
   flops_per_step = config.flops_per_token(sequence_length) * tokens_per_step
   peak = metrics_lib.peak_flops(devices[0], peak_flops_per_device)
@@ -299,7 +304,6 @@ def train(
         except StopIteration:
           reporter.message(f"{PROG}: the data ran out at step {step}")
           break
-        data_state = source.get_state()
         check_token_range(local, config.vocab_size)
         batch = state_lib.global_batch(setup, local, (batch_size, sequence_length))
         state, metrics = setup.step_fn(state, batch, rng)
@@ -312,11 +316,15 @@ def train(
           # state is never checkpointed.
           finish(*pending, hooks_lib.measure_all(due, step + 1, state))
           pending = None
+          # The source's state after this step's batch (asked only when a hook may save it:
+          # a seqio source's state is a tf.data snapshot, too costly for every step).
+          data_state = source.get_state()
           for hook in due:
             hook.act(step + 1, state, data_state)
       if pending is not None:
         finish(*pending)
       final_step = int(jax.device_get(state.step))
+      data_state = source.get_state()
       for hook in hooks:
         hook.finish(final_step, state, data_state)
   except BaseException:

@@ -3,7 +3,7 @@
 import pytest
 
 from data_fixtures import code_file, write_tree
-from geex_jax.data import cli
+from geex_jax.data import cli, corpus
 
 
 def test_build_prints_summary(tmp_path, capsys):
@@ -15,12 +15,24 @@ def test_build_prints_summary(tmp_path, capsys):
   assert "kept 3 of 3 source files" in out and "Python 3" in out
 
 
+def test_build_heldout_fraction(tmp_path, capsys):
+  write_tree(tmp_path / "src", {f"f{i}.py": code_file("py", i) for i in range(12)})
+  argv = ["build", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--no-progress"]
+  cli.main([*argv, "--heldout-fraction", "0.5"])
+  m = corpus.load_manifest(str(tmp_path / "out"))
+  held = m["validation_documents"]
+  assert 0 < held < 12 and m["options"]["heldout_fraction"] == 0.5
+  assert m["languages"]["Python"]["validation_documents"] == held
+  assert f"{held} held out for validation" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
   "argv,message",
   [
     (["build", "--src", "/nonexistent-dir", "--out", "OUT"], "does not exist"),
     (["build", "--embedded", "--src", "x", "--out", "OUT"], "--embedded takes no --src"),
     (["build", "--src", ".", "--out", "OUT", "--languages", "klingon"], "unknown language"),
+    (["build", "--src", ".", "--out", "OUT", "--heldout-fraction", "2"], "not in [0, 1)"),
   ],
 )
 def test_errors_are_one_line_exit_2(tmp_path, capsys, argv, message):

@@ -1,4 +1,5 @@
-"""geex_jax/data/corpus.py (+ filters.py, records.py): filters, dedup, manifest counts, resume."""
+"""geex_jax/data/corpus.py (+ filters.py, records.py): filters, dedup, manifest counts, resume,
+the held-out split."""
 
 import json
 import os
@@ -93,7 +94,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_build(tmp_path, monkeypatc
       for i in range(30)
     },
   )
-  whole = corpus.build_corpus([str(src)], str(tmp_path / "whole"), flush_bytes=5000, progress=False)
+  opts = dict(flush_bytes=5000, heldout_fraction=0.3, progress=False)
+  whole = corpus.build_corpus([str(src)], str(tmp_path / "whole"), **opts)
+  assert whole["validation_documents"] > 0  # the resume covers the held-out shards too
   real_write, calls = records.write_records, []
 
   def crashing_write(path, payloads):
@@ -105,26 +108,23 @@ def test_resume_after_a_crash_equals_an_uninterrupted_build(tmp_path, monkeypatc
 
   monkeypatch.setattr(corpus, "write_records", crashing_write)
   with pytest.raises(RuntimeError):
-    corpus.build_corpus([str(src)], str(tmp_path / "resumed"), flush_bytes=5000, progress=False)
+    corpus.build_corpus([str(src)], str(tmp_path / "resumed"), **opts)
   assert not (tmp_path / "resumed" / "manifest.json").exists()
   monkeypatch.setattr(corpus, "write_records", real_write)
-  resumed = corpus.build_corpus(
-    [str(src)], str(tmp_path / "resumed"), flush_bytes=5000, progress=False
-  )
+  resumed = corpus.build_corpus([str(src)], str(tmp_path / "resumed"), **opts)
   whole["options"]["sources"] = resumed["options"]["sources"]
   assert resumed == whole
   for lang in whole["languages"].values():
-    for shard in lang["shards"]:
+    for shard in lang["shards"] + lang["validation_shards"]:
       a = records.RecordReader([str(tmp_path / "whole" / shard)])
       b = records.RecordReader([str(tmp_path / "resumed" / shard)])
       assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
   # A completed corpus is not rebuilt; other options on the same --out are refused.
-  assert (
-    corpus.build_corpus([str(src)], str(tmp_path / "whole"), flush_bytes=5000, progress=False)
-    == whole
-  )
+  assert corpus.build_corpus([str(src)], str(tmp_path / "whole"), **opts) == whole
   with pytest.raises(InputError, match="other options"):
     corpus.build_corpus([str(src)], str(tmp_path / "whole"), languages=["c"], progress=False)
+  with pytest.raises(InputError, match=r"other options \(heldout_fraction: 0.3 -> 0.01\)"):
+    corpus.build_corpus([str(src)], str(tmp_path / "whole"), flush_bytes=5000, progress=False)
 
 
 def test_shards_read_back_with_tensorflow(tmp_path):
@@ -155,3 +155,74 @@ def test_bad_inputs_are_input_errors(tmp_path):
     corpus.build_corpus([str(tmp_path / "missing")], str(tmp_path / "out"), progress=False)
   with pytest.raises(InputError, match="not a built corpus"):
     corpus.load_manifest(str(tmp_path))
+
+
+def _texts(out, shards):
+  reader = records.RecordReader([str(out / s) for s in shards])
+  return [reader[i].decode() for i in range(len(reader))]
+
+
+def _splits(m, out):
+  """{language: (train texts, validation texts)}, checking the manifest's counts on the way."""
+  got = {}
+  for name, c in m["languages"].items():
+    train, val = _texts(out, c["shards"]), _texts(out, c["validation_shards"])
+    assert len(train) == c["documents"] == sum(c["shard_documents"])
+    assert len(val) == c["validation_documents"] == sum(c["validation_shard_documents"])
+    assert c["bytes"] == sum(len(t.encode()) for t in train)
+    assert c["validation_bytes"] == sum(len(t.encode()) for t in val)
+    assert all(s.startswith(f"{c['slug']}/{c['slug']}-validation-") for s in c["validation_shards"])
+    got[name] = (train, val)
+  assert m["validation_documents"] == sum(len(v) for _, v in got.values())
+  assert m["kept"] == sum(len(t) + len(v) for t, v in got.values())
+  return got
+
+
+def test_heldout_split_is_a_function_of_content_only(tmp_path):
+  """Held out = content hash below the fraction: the same documents whatever the file names,
+  their order, the flush size or the other sources; manifest counts match the shards."""
+  files = {
+    **{f"py/f{i:02d}.py": code_file("py", i) for i in range(40)},
+    **{f"c/f{i:02d}.c": code_file("c", i) for i in range(40)},
+  }
+  write_tree(tmp_path / "a", files)
+  m = corpus.build_corpus(
+    [str(tmp_path / "a")], str(tmp_path / "out_a"), heldout_fraction=0.25, progress=False
+  )
+  a = _splits(m, tmp_path / "out_a")
+  expected = {t for name in a for t in a[name][1]}
+  assert 5 < len(expected) < 35, len(expected)  # about a quarter of 80
+  assert all(corpus.is_heldout(corpus.content_digest(t.encode()), 0.25) for t in expected)
+  assert not {t for name in a for t in a[name][0]} & expected
+  # Other names (so another walk order), the files split over two sources, small flushes.
+  renamed = {
+    f"{999 - i:03d}/{rel.replace('/', '_')}": t for i, (rel, t) in enumerate(files.items())
+  }
+  items = sorted(renamed.items())
+  write_tree(tmp_path / "b1", dict(items[::2]))
+  write_tree(tmp_path / "b2", dict(items[1::2]))
+  m = corpus.build_corpus(
+    [str(tmp_path / "b2"), str(tmp_path / "b1")],
+    str(tmp_path / "out_b"),
+    heldout_fraction=0.25,
+    flush_bytes=3000,
+    progress=False,
+  )
+  b = _splits(m, tmp_path / "out_b")
+  assert {t for name in b for t in b[name][1]} == expected
+  assert {n: sorted(v) for n, (_, v) in b.items()} == {n: sorted(v) for n, (_, v) in a.items()}
+  # A subset of the sources: its held-out documents are the subset's share of the same set.
+  m = corpus.build_corpus(
+    [str(tmp_path / "b1")], str(tmp_path / "out_c"), heldout_fraction=0.25, progress=False
+  )
+  c = _splits(m, tmp_path / "out_c")
+  subset = set(dict(items[::2]).values())
+  assert {t for name in c for t in c[name][1]} == expected & subset
+  # 0 = no split.
+  m = corpus.build_corpus(
+    [str(tmp_path / "a")], str(tmp_path / "out_0"), heldout_fraction=0, progress=False
+  )
+  assert m["validation_documents"] == 0
+  assert all(not c["validation_shards"] for c in m["languages"].values())
+  with pytest.raises(InputError, match="heldout_fraction"):
+    corpus.build_corpus([str(tmp_path / "a")], str(tmp_path / "x"), heldout_fraction=1.5)

@@ -216,3 +216,97 @@ def test_unknown_name_and_bad_shard(mixture):
     pipeline.make_batch_iterator(
       mixture_or_task=mixture, sequence_length=8, batch_size=1, seed=0, shard_index=2, num_shards=2
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The held-out (validation) split.
+
+
+@pytest.fixture(scope="module")
+def heldout_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("heldout")
+  mixed_tree(root / "src", n_per_lang=20)
+  corpus.build_corpus(
+    [str(root / "src")], str(root / "corpus"), heldout_fraction=0.3, progress=False
+  )
+  return root / "corpus"
+
+
+def split_documents(spec, split):
+  """Every document of `spec`'s split as the pipeline emits it."""
+  reader = RecordReader(spec.split(split).shards)
+  tok = load_tokenizer(None)
+  return [
+    tuple(tok.encode(spec.tag + "\n" + reader[i].decode()) + [tok.eos_id])
+    for i in range(len(reader))
+  ]
+
+
+def emitted_documents(it):
+  targets = flatten(batches(it), "decoder_target_tokens")
+  ends = np.nonzero(targets == 256)[0]
+  return [tuple(targets[a : b + 1]) for a, b in zip([0, *(ends[:-1] + 1)], ends)]
+
+
+def test_validation_split_reads_exactly_the_heldout_documents(heldout_dir):
+  from geex_jax.data import batches as batch_sources
+
+  name = pipeline.register_corpus_tasks(str(heldout_dir), None, name="t_held", seqio_tasks=False)
+  manifest = corpus.load_manifest(str(heldout_dir))
+  for spec in catalog.get(name).tasks:
+    info = manifest["languages"][spec.language]
+    assert spec.num_validation_documents == info["validation_documents"] > 0
+    assert spec.validation_shards == tuple(str(heldout_dir / s) for s in info["validation_shards"])
+    kw = dict(mixture_or_task=spec.name, sequence_length=L, batch_size=B, seed=1, num_epochs=1)
+    val = emitted_documents(pipeline.make_batch_iterator(split="validation", **kw))
+    assert sorted(val) == sorted(split_documents(spec, "validation"))
+    train = emitted_documents(pipeline.make_batch_iterator(**kw))
+    assert sorted(train) == sorted(split_documents(spec, "train"))
+    assert not set(train) & set(val)
+  # heldout_batches: one finite source per language with held-out documents.
+  sources = batch_sources.heldout_batches(
+    batch_size=B, sequence_length=L, seed=0, corpus_dir=str(heldout_dir)
+  )
+  assert sorted(sources) == ["c", "python", "shell"]
+  assert all(0 < len(batches(s)) < 1000 for s in sources.values())
+  only = batch_sources.heldout_batches(
+    batch_size=B, sequence_length=L, seed=0, mixture_or_task=name, languages=["py"]
+  )
+  assert list(only) == ["python"]
+  # A validation iterator's state is not a training one's.
+  it = pipeline.make_batch_iterator(
+    mixture_or_task=name, sequence_length=L, batch_size=B, seed=0, split="validation"
+  )
+  with pytest.raises(ConfigError, match="another data configuration"):
+    pipeline.make_batch_iterator(
+      mixture_or_task=name, sequence_length=L, batch_size=B, seed=0
+    ).set_state(it.get_state())
+
+
+def test_corpus_without_heldout_documents(heldout_dir, tmp_path):
+  """A manifest written before the split (no validation fields) loads with no validation split;
+  asking for one is a ConfigError that says to rebuild."""
+  import shutil
+
+  from geex_jax.data import batches as batch_sources
+
+  old = tmp_path / "old"
+  shutil.copytree(heldout_dir, old)
+  manifest = json.loads((old / "manifest.json").read_text())
+  manifest.pop("validation_documents")
+  for info in manifest["languages"].values():
+    for k in [k for k in info if k.startswith("validation_")]:
+      del info[k]
+  (old / "manifest.json").write_text(json.dumps(manifest))
+  name = pipeline.register_corpus_tasks(str(old), None, name="t_old", seqio_tasks=False)
+  assert all(
+    t.validation_shards == () and t.num_validation_documents == 0 for t in catalog.get(name).tasks
+  )
+  with pytest.raises(ConfigError, match="no language has held-out documents.*rebuild"):
+    batch_sources.heldout_batches(batch_size=B, sequence_length=L, seed=0, mixture_or_task=name)
+  with pytest.raises(ConfigError, match="no held-out .* rebuild"):
+    batch_sources.pipeline_batches(
+      batch_size=B, sequence_length=L, seed=0, mixture_or_task=name, split="validation"
+    )
+  with pytest.raises(ConfigError, match="unknown split"):
+    catalog.get(name).tasks[0].split("test")

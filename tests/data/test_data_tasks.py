@@ -60,3 +60,27 @@ def test_stock_seqio_feature_converter_runs(registered):
   ex = next(ds.as_numpy_iterator())
   assert ex["decoder_target_tokens"].shape == (64,)
   assert ex["decoder_input_tokens"][0] == 50256
+
+
+def test_held_out_shards_become_the_validation_split(registered):
+  """A TaskSpec with validation_shards (catalog.TaskSpec's held-out documents) registers the
+  seqio split 'validation' beside 'train'; without them the task has 'train' only."""
+  import types
+
+  from geex_jax.data import tasks
+
+  spec = catalog.get(registered).tasks[0]
+  assert set(seqio.get_mixture_or_task(spec.name).splits) == {"train"}
+  held_out = types.SimpleNamespace(
+    **{f: getattr(spec, f) for f in ("language", "tag", "shards", "num_documents")},
+    name="t_seqio_heldout",
+    tokenizer_dir=spec.tokenizer_dir,
+    validation_shards=spec.shards[:1],
+    num_validation_documents=3,
+  )
+  tasks.register_seqio("t_seqio_heldout_mix", [held_out], [1.0])
+  task = seqio.get_mixture_or_task("t_seqio_heldout")
+  assert set(task.splits) == {"train", "validation"}
+  assert task.num_input_examples("validation") == 3
+  ds = task.get_dataset(sequence_length=None, split="validation", shuffle=False)
+  assert len(list(ds.as_numpy_iterator())) == len(RecordReader(spec.shards[:1]))

@@ -272,6 +272,116 @@ def test_held_out_evaluation_is_the_mean_token_loss_of_its_batches(tmp_path):
   assert result.step == 4
 
 
+class Finite:
+  """The first `n` batches of a source, then StopIteration (a held-out set smaller than
+  train.eval_batches)."""
+
+  def __init__(self, source, n):
+    self.source, self.n, self.i = source, n, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.i >= self.n:
+      raise StopIteration
+    self.i += 1
+    return next(self.source)
+
+  def get_state(self):
+    return {"i": self.i, "inner": self.source.get_state()}
+
+  def set_state(self, state):
+    self.i = state["i"]
+    self.source.set_state(state["inner"])
+
+
+def _sums(params, source, n):
+  """(loss sum, loss weight) of loss_fn over the first n batches of a source (fewer if it ends)."""
+  total = weight = 0.0
+  for _, b in zip(range(n), source):
+    b = {k: jnp.asarray(v) for k, v in b.items()}
+    total += float(step_lib.loss_fn(params, b, TINY, jax.random.PRNGKey(0), 1.0)[1])
+    weight += float(b["decoder_loss_weights"].sum())
+  return total, weight
+
+
+def test_named_eval_sources_give_per_source_and_token_weighted_losses(tmp_path, monkeypatch):
+  """train.eval_source returning {name: source}: eval_loss/<name> is loss_fn's mean over that
+  source's batches (a finite one scores the batches it has), eval_loss the token-weighted mean
+  over all; every evaluation rewinds to the same batches, also when a host pads (multi-host)."""
+  from geex_jax.model import partitioning
+  from geex_jax.training import hooks, state as state_lib
+
+  def sources(seed, **a):
+    return {
+      "long": batches.SyntheticBatches(vocab_size=128, max_doc=24, **{**a, "seed": 99}),
+      "short": Finite(batches.SyntheticBatches(vocab_size=128, max_doc=10, **{**a, "seed": 7}), 1),
+    }
+
+  run(tmp_path, num_steps=4, checkpoint_every=2, eval_source=sources, eval_every=2, eval_batches=3)
+  records = train_metrics.read_metrics(tmp_path)
+  keys = {"eval_loss", "eval_perplexity", "eval_tokens"}
+  keys |= {f"{k}/{n}" for k in keys for n in ("long", "short")}
+  assert keys <= set(records[2]) and keys <= set(records[4]) and not keys & set(records[3])
+  _, params = checkpoints.load_params(tmp_path / "checkpoints" / "4", scan_layers=TINY.scan_layers)
+  args = dict(batch_size=16, sequence_length=SEQ, seed=0, shard_index=0, num_shards=1)
+  fresh = sources(**args)
+  (sl, wl), (ss, ws) = _sums(params, fresh["long"], 3), _sums(params, fresh["short"], 3)
+  rec = records[4]
+  np.testing.assert_allclose(rec["eval_loss/long"], sl / wl, rtol=1e-5)
+  np.testing.assert_allclose(rec["eval_loss/short"], ss / ws, rtol=1e-5)
+  np.testing.assert_allclose(rec["eval_perplexity/short"], np.exp(ss / ws), rtol=1e-5)
+  assert (rec["eval_tokens/long"], rec["eval_tokens/short"]) == (wl, ws)
+  np.testing.assert_allclose(rec["eval_loss"], (sl + ss) / (wl + ws), rtol=1e-5)
+  assert abs(rec["eval_loss"] - (sl / wl + ss / ws) / 2) > 1e-4  # weighted, not a plain mean
+  # Another host still reading: this one pads the ended source; the numbers do not move.
+  monkeypatch.setattr(hooks, "_all_hosts", lambda flag: False)
+  mesh = partitioning.make_mesh(-1, 1, 1)
+  setup = state_lib.build_state(TINY, mesh, optax.sgd(0.0), lambda s: 0.0)
+  hook = hooks.EvalHook(
+    sources(**args),
+    every=2,
+    num_batches=3,
+    config=TINY,
+    setup=setup,
+    batch_size=16,
+    sequence_length=SEQ,
+  )
+  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, None)
+  for _ in range(2):  # rewound each time
+    got = hook.measure(4, state)
+    assert hook.counts == {"long": 3, "short": 3}
+    for k in keys:
+      np.testing.assert_allclose(got[k], rec[k], rtol=1e-5, err_msg=k)
+
+
+def test_heldout_batches_of_a_corpus_report_each_language(tmp_path):
+  """train.eval_source = heldout_batches: eval_loss/<language> for each language of the corpus's
+  validation split, eval_loss their token-weighted mean. (That a run reaching no eval step does
+  not open the held-out data, the CLI tests show: runs/pretrain.gin binds @heldout_batches with
+  CORPUS_DIR = None there.)"""
+  import functools
+
+  from data_fixtures import mixed_tree
+  from geex_jax.data import corpus
+
+  mixed_tree(tmp_path / "src", n_per_lang=12)
+  corpus.build_corpus(
+    [str(tmp_path / "src")], str(tmp_path / "corpus"), heldout_fraction=0.3, progress=False
+  )
+  model = CodeGeeXConfig.preset("tiny", vocab_size=264, max_position=32)  # byte ids (257)
+
+  source = functools.partial(batches.heldout_batches, corpus_dir=str(tmp_path / "corpus"))
+  run(tmp_path / "run", model=model, num_steps=2, eval_source=source, eval_every=2, eval_batches=2)
+  rec = train_metrics.read_metrics(tmp_path / "run")[2]
+  names = ("c", "python", "shell")
+  assert all(f"eval_loss/{n}" in rec and f"eval_perplexity/{n}" in rec for n in names), rec
+  weighted = sum(rec[f"eval_loss/{n}"] * rec[f"eval_tokens/{n}"] for n in names)
+  np.testing.assert_allclose(rec["eval_loss"], weighted / rec["eval_tokens"], rtol=1e-5)
+  assert rec["eval_tokens"] == sum(rec[f"eval_tokens/{n}"] for n in names)
+
+
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path):
   """30 steps straight == 15+ steps, kill -9, resume to 30: same params bit for bit, same losses."""
