@@ -6,7 +6,7 @@
 #           (writes OUT/tilings.json, which `sample` then uses)
 #   sample  bench/sample.py --gpu: 13B decode, int8 and bf16, batch 1 and 64,
 #           with a perfetto trace of each batch-1 decode summarised by bench/trace_summary.py
-#   train   bench/train.py: 1.3b and 2.7b training steps
+#   train   bench/train.py: the 1.3b and 2.7b training-step sweep (attention x remat x scan x batch)
 set -uo pipefail
 out=${1:-${OUT:-/tmp/geex_gpu}}; mkdir -p "$out"; shift || true
 parts=${*:-kernel sample train}
@@ -43,10 +43,33 @@ if [[ " $parts " == *" sample "* ]]; then
   done
 fi
 if [[ " $parts " == *" train "* ]]; then
-  # Training step: 1.3b and 2.7b at 2048 tokens, bf16 compute, fp32 master weights, cuDNN attention.
-  for preset in 1.3b 2.7b; do
-    timeout 130 python3 bench/train.py --preset $preset --seq_len 2048 --batch 8 --dtype bf16 \
-      --attention dot_product --remat full --steps 5 --warmup 2 --json "$out/train.jsonl" 2>&1 \
-      | tee -a "$out/train.md"
+  # Training step sweep, 2048 tokens, bf16 compute, fp32 master weights: attention {cudnn, xla}
+  # x remat {none, minimal, full} x scan {true, false} x batch {8, 16} per preset, one variant
+  # at a time in this priority order; a variant whose compiled memory exceeds the card is
+  # skipped (OOM row), and none starts after the preset's time budget (skipped rows):
+  # TRAIN_BUDGET_S (default 480 s, 45% for 1.3b) fits one 10-minute device call.
+  # GEEX_TOY=1: the same commands at a 2-layer toy shape on the CPU (tests/test_bench_train.py);
+  # TRAIN_PRESETS: a subset of the presets.
+  budget=${TRAIN_BUDGET_S:-480}
+  order=()
+  for scan in true false; do
+    order+=("cudnn:full:$scan:8" "xla:full:$scan:8" "cudnn:minimal:$scan:8" "cudnn:none:$scan:8")
+    order+=("cudnn:minimal:$scan:16" "cudnn:full:$scan:16" "cudnn:none:$scan:16")
+    order+=("xla:minimal:$scan:8" "xla:none:$scan:8")
+    order+=("xla:full:$scan:16" "xla:minimal:$scan:16" "xla:none:$scan:16")
+  done
+  if [[ -n "${GEEX_TOY:-}" ]]; then
+    sizes=(--toy --seq_len 128 --steps 1 --rounds 1 --warmup 1 --peak_flops 1e11)
+    budgets=(0 0)
+  else
+    sizes=(--seq_len 2048 --steps 3 --rounds 1 --warmup 1)
+    budgets=($((budget * 45 / 100)) $((budget * 55 / 100)))
+  fi
+  i=0
+  for preset in ${TRAIN_PRESETS:-1.3b 2.7b}; do
+    b=${budgets[$i]}; i=$((i + 1))
+    timeout $((b + 240)) python3 bench/train.py --preset $preset --dtype bf16 "${sizes[@]}" \
+      --sequential --budget_s "$b" --loss_chunk_size "${TRAIN_LOSS_CHUNK:-0}" \
+      --variants "${order[@]}" --json "$out/train.jsonl" 2>&1 | tee -a "$out/train.md"
   done
 fi

@@ -24,6 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geex_jax.model import attention as attention_lib
+from geex_jax.model import remat
+from geex_jax.model.precision import einsum_f32
+
 Array = jax.Array
 
 # Logical axis names used by this module. geex_jax/partitioning.py maps them to mesh axes.
@@ -39,14 +43,8 @@ _DTYPES = {
   "fp16": jnp.float16,
 }
 
-REMAT_POLICIES = {
-  "none": None,
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.checkpoint_dots,
-  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-ATTENTION_IMPLEMENTATIONS = ("xla", "dot_product")
+REMAT_POLICIES = remat.REMAT_POLICIES  # none, dots, dots_no_batch, minimal, ..., full
+ATTENTION_IMPLEMENTATIONS = tuple(attention_lib.ATTENTION_IMPLEMENTATIONS)
 
 
 def as_dtype(name: Any) -> jnp.dtype:
@@ -77,10 +75,14 @@ class CodeGeeXConfig:
   dtype: str = "float32"  # compute dtype of matmuls and the residual stream
   param_dtype: str = "float32"  # storage dtype of the parameters
   scan_layers: bool = True  # nn.scan over the ordinary layers (fast compiles at depth)
-  remat_policy: str = "none"  # one of REMAT_POLICIES
-  # Full-sequence attention: "xla" or "dot_product" (jax.nn.dot_product_attention: cuDNN).
-  # Decoding always attends over the KV cache with the XLA path.
+  remat_policy: str = "none"  # one of REMAT_POLICIES (geex_jax/model/remat.py)
+  scan_unroll: int = 1  # layers per scan iteration (nn.scan unroll)
+  # Full-sequence attention, one of ATTENTION_IMPLEMENTATIONS (geex_jax/model/attention.py):
+  # xla, dot_product, cudnn (GPU), splash (TPU). Decoding attends over the KV cache with xla.
   attention: str = "xla"
+  # Training loss: 0 = logits of the whole sequence at once; c > 0 = the cross-entropy of c
+  # positions at a time, recomputed in the backward (never [b, t, vocab] fp32 logits live).
+  loss_chunk_size: int = 0
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -94,6 +96,11 @@ class CodeGeeXConfig:
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(
         f"unknown attention {self.attention!r}; use one of {ATTENTION_IMPLEMENTATIONS}"
+      )
+    if self.scan_unroll < 1 or self.loss_chunk_size < 0:
+      raise ValueError(
+        f"scan_unroll must be >= 1 (got {self.scan_unroll}) and loss_chunk_size >= 0 (got "
+        f"{self.loss_chunk_size})"
       )
     as_dtype(self.dtype), as_dtype(self.param_dtype)
 
@@ -182,13 +189,8 @@ def layer_norm(config: CodeGeeXConfig, name: str, x: Array) -> Array:
   return norm(x.astype(jnp.float32)).astype(config.compute_dtype)
 
 
-def _causal_segment_mask(segment_ids: Optional[Array], length: int) -> Optional[Array]:
-  """[b or 1, 1, t, t] bool: causal, and within one packed document. None: plain causal."""
-  if segment_ids is None:
-    return None
-  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same)[:, None]
+_causal_segment_mask = attention_lib.causal_segment_mask
+_xla_attention = attention_lib.xla_attention
 
 
 def positions_from_segments(segment_ids: Array) -> Array:
@@ -216,10 +218,12 @@ class Attention(nn.Module):
     kv_input: Array,
     mask: Optional[Array],
     cache_index: Optional[Array] = None,
+    segment_ids: Optional[Array] = None,
   ) -> Array:
-    """query_input, kv_input: [b, t, d]. mask: [b|1, 1, t, t] or None (causal); when decoding,
-    [b, 1, t, cache length] over the cache. cache_index: the cache slot of this call's first
-    token (decoding; None while the cache is being created).
+    """query_input, kv_input: [b, t, d]. mask: [b|1, 1, t, t] or None (causal; None too for
+    kernels that read segment_ids [b, t] instead); when decoding, [b, 1, t, cache length] over
+    the cache. cache_index: the cache slot of this call's first token (decoding; None while the
+    cache is being created).
 
     Returns [b, t, d].
     """
@@ -238,19 +242,22 @@ class Attention(nn.Module):
     k = dense(name="key")(kv_input)
     v = dense(name="value")(kv_input)
     axes = ("batch", "length", "act_heads", "kv")
-    q = nn.with_logical_constraint(q, axes)
-    k = nn.with_logical_constraint(k, axes)
-    v = nn.with_logical_constraint(v, axes)
+    q = remat.checkpoint_name(nn.with_logical_constraint(q, axes), remat.QUERY)
+    k = remat.checkpoint_name(nn.with_logical_constraint(k, axes), remat.KEY)
+    v = remat.checkpoint_name(nn.with_logical_constraint(v, axes), remat.VALUE)
 
     if self.decode:
       k, v = self._update_cache(k, v, cache_index)
       out = _xla_attention(q, k, v, mask, kv_heads_first=True)
-    elif cfg.attention == "dot_product":
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
     else:
-      out = _xla_attention(q, k, v, mask)
-    out = nn.with_logical_constraint(out, axes)
-    return nn.DenseGeneral(
+      # Init only needs shapes: the plain path, whatever the platform (cudnn needs a GPU, splash
+      # 128-multiple lengths) and whether a mask was made.
+      impl = "xla" if self.is_initializing() else cfg.attention
+      if impl == "xla" and mask is None and segment_ids is not None:
+        mask = _causal_segment_mask(segment_ids, q.shape[1])
+      out = attention_lib.attend(impl, q, k, v, mask, segment_ids)
+    out = remat.checkpoint_name(nn.with_logical_constraint(out, axes), remat.CONTEXT)
+    out = nn.DenseGeneral(
       features=d,
       axis=(-2, -1),
       dtype=cfg.compute_dtype,
@@ -259,6 +266,7 @@ class Attention(nn.Module):
       bias_init=_zeros(("embed",)),
       name="dense",
     )(out)
+    return remat.checkpoint_name(out, remat.OUT_PROJ)
 
   def _update_cache(self, k: Array, v: Array, index: Optional[Array]):
     """Writes this call's keys/values [b, t, n, h] at slot `index`; returns the whole cache.
@@ -293,23 +301,6 @@ class Attention(nn.Module):
     return cached_k.value, cached_v.value
 
 
-def _xla_attention(
-  q: Array, k: Array, v: Array, mask: Optional[Array], kv_heads_first: bool = False
-) -> Array:
-  """Softmax attention with fp32 scores. q: [b, t, n, h]; k, v: [b, s, n, h], or [b, n, s, h]
-  with kv_heads_first (the decode cache) -> [b, t, n, h]."""
-  kv = "bnsh" if kv_heads_first else "bsnh"
-  scale = 1.0 / np.sqrt(q.shape[-1])
-  scores = jnp.einsum(f"btnh,{kv}->bnts", q, k, preferred_element_type=jnp.float32) * scale
-  if mask is None:
-    t, s = q.shape[1], k.shape[2 if kv_heads_first else 1]
-    mask = jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)[None, None]
-  # A large finite negative, not -inf: a fully masked row (left padding) stays finite.
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum(f"bnts,{kv}->btnh", probs, v)
-
-
 class MLP(nn.Module):
   config: CodeGeeXConfig
 
@@ -324,8 +315,9 @@ class MLP(nn.Module):
       bias_init=_zeros(("mlp",)),
       name="dense_h_to_4h",
     )(x)
+    y = remat.checkpoint_name(y, remat.MLP_IN)
     y = nn.with_logical_constraint(fast_gelu(y), ("batch", "length", "act_mlp"))
-    return nn.Dense(
+    y = nn.Dense(
       cfg.hidden_size,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.weight_dtype,
@@ -333,6 +325,7 @@ class MLP(nn.Module):
       bias_init=_zeros(("embed",)),
       name="dense_4h_to_h",
     )(y)
+    return remat.checkpoint_name(y, remat.MLP_OUT)
 
 
 class Block(nn.Module):
@@ -348,12 +341,15 @@ class Block(nn.Module):
     h: Array,
     mask: Optional[Array],
     cache_index: Optional[Array],
+    segment_ids: Optional[Array] = None,
     query_input: Optional[Array] = None,
   ):
     cfg = self.config
     x = layer_norm(cfg, "input_layernorm", h)
     q_in = x if query_input is None else query_input
-    a = Attention(cfg, decode=self.decode, name="attention")(q_in, x, mask, cache_index)
+    a = Attention(cfg, decode=self.decode, name="attention")(
+      q_in, x, mask, cache_index, segment_ids
+    )
     h = h + nn.Dropout(cfg.dropout_rate)(a, deterministic=self.deterministic)
     m = MLP(cfg, name="mlp")(layer_norm(cfg, "post_attention_layernorm", h))
     h = h + nn.Dropout(cfg.dropout_rate)(m, deterministic=self.deterministic)
@@ -376,6 +372,7 @@ class CodeGeeX(nn.Module):
     decode: bool = False,
     deterministic: bool = True,
     only_last: bool = False,
+    return_hidden: bool = False,
   ) -> Array:
     """tokens, positions, segment_ids: int [b, t].
 
@@ -383,6 +380,8 @@ class CodeGeeX(nn.Module):
       real (1) vs left-padding (0) tokens, and positions default to a per-row running count.
     only_last: return logits of the last position only, [b, 1, vocab] (saves the [b, t, vocab]
       prefill logits when sampling).
+    return_hidden: return the top layer's output [b, t, d] (compute dtype) instead of logits;
+      `output_logits` turns it into them (the chunked training loss does, a chunk at a time).
     """
     cfg = self.config
     dtype = cfg.compute_dtype
@@ -402,7 +401,8 @@ class CodeGeeX(nn.Module):
           if segment_ids is None
           else positions_from_segments(segment_ids)
         )
-      mask = _causal_segment_mask(segment_ids, t)
+      dense = attention_lib.ATTENTION_IMPLEMENTATIONS[cfg.attention].dense_mask
+      mask = _causal_segment_mask(segment_ids, t) if dense else None
 
     embed = functools.partial(
       nn.Embed, features=cfg.hidden_size, dtype=dtype, param_dtype=cfg.weight_dtype
@@ -426,17 +426,18 @@ class CodeGeeX(nn.Module):
         block,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
+        unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       h, _ = stack(cfg, decode=decode, deterministic=deterministic, name="layers")(
-        h, mask, cache_index
+        h, mask, cache_index, segment_ids
       )
     else:
       for i in range(cfg.num_layers):
         h, _ = block(cfg, decode=decode, deterministic=deterministic, name=f"layers_{i}")(
-          h, mask, cache_index
+          h, mask, cache_index, segment_ids
         )
 
     h = layer_norm(cfg, "final_layernorm", h)
@@ -444,16 +445,14 @@ class CodeGeeX(nn.Module):
       cfg.max_position, embedding_init=_init(cfg, (None, "embed")), name="top_query_embeddings"
     )(positions)
     h, _ = Block(cfg, decode=decode, deterministic=deterministic, name="top_query_layer")(
-      h, mask, cache_index, query_input=top_query
+      h, mask, cache_index, segment_ids, query_input=top_query
     )
 
     if only_last:
       h = h[:, -1:]
-    # Tied output embedding; the product accumulates and returns in fp32.
-    logits = jnp.einsum(
-      "btd,vd->btv", h, word.embedding.astype(dtype), preferred_element_type=jnp.float32
-    )
-    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+    if return_hidden:
+      return h
+    return output_logits(cfg, h, word.embedding)
 
   def _decode_mask(self, kv_valid: Array) -> tuple[Array, Optional[Array]]:
     """(attention mask [b, 1, t, cache length], cache slot of this call's first token) for a
@@ -487,6 +486,14 @@ class CodeGeeX(nn.Module):
     if not self.is_initializing():
       seen.value = seen.value + kv_valid.sum(axis=1)
     return jnp.maximum(positions, 0).astype(jnp.int32)
+
+
+def output_logits(config: CodeGeeXConfig, h: Array, embedding: Array) -> Array:
+  """fp32 logits [b, t, vocab] of the top layer's output h [b, t, d] with the tied embedding
+  [vocab, d]: accumulated and returned in fp32, the backward in the compute dtype."""
+  dtype = config.compute_dtype
+  logits = einsum_f32("btd,vd->btv", h.astype(dtype), embedding.astype(dtype))
+  return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import gin
 import jax
 
 from geex_jax.errors import ConfigError, GeexError, cli_errors
+from geex_jax.training import xla_options
 from geex_jax.training.train import PROG, train
 
 # gin_configs/: installed inside the package (geex_jax/gin_configs, see pyproject.toml), or the
@@ -173,10 +174,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise ConfigError(
         "no --gin_file given (e.g. --gin_file=models/tiny.gin --gin_file=runs/pretrain.gin)"
       )
+    # gin first: its XLA options must be in XLA_FLAGS before any backend exists.
+    parse_gin(args.gin_file, bindings, args.gin_search_path)
+    try:
+      flags = xla_options.xla_options()
+    except GeexError as e:
+      raise _unwrapped_type(e)(str(e).splitlines()[0]) from None
+    if flags:
+      xla_options.apply(flags)
+      print(f"{PROG}: XLA flags from gin: {' '.join(flags)}", flush=True)
     initialize_distributed(
       args.coordinator_address, args.num_processes, args.process_id, args.distributed
     )
-    parse_gin(args.gin_file, bindings, args.gin_search_path)
     try:
       result = train()
     except GeexError as e:

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from geex_jax.errors import ConfigError
-from geex_jax.model.codegeex import CodeGeeX, CodeGeeXConfig
+from geex_jax.model.codegeex import CodeGeeX, CodeGeeXConfig, output_logits
 from geex_jax.training import optim
 
 
@@ -43,20 +43,54 @@ def loss_fn(
   """(sum of weighted token CE / total_weight, sum of weighted token CE) of one (micro)batch.
 
   Dividing by the whole batch's weight, not the microbatch's, makes the sum of microbatch
-  gradients exactly the full batch's gradient.
+  gradients exactly the full batch's gradient. With config.loss_chunk_size the logits are made
+  a chunk of positions at a time (chunked_cross_entropy).
   """
   deterministic = config.dropout_rate == 0.0
-  logits = CodeGeeX(config).apply(
+  chunked = 0 < config.loss_chunk_size < batch["decoder_input_tokens"].shape[1]
+  out = CodeGeeX(config).apply(
     {"params": params},
     batch["decoder_input_tokens"],
     batch["decoder_positions"],
     batch["decoder_segment_ids"],
     deterministic=deterministic,
     rngs=None if deterministic else {"dropout": dropout_rng},
+    return_hidden=chunked,
   )
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["decoder_target_tokens"])
-  loss_sum = jnp.sum(ce * batch["decoder_loss_weights"])
+  targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+  if chunked:
+    embedding = params["word_embeddings"]["embedding"]
+    loss_sum = chunked_cross_entropy(config, out, embedding, targets, weights)
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, targets)
+    loss_sum = jnp.sum(ce * weights)
   return loss_sum / total_weight, loss_sum
+
+
+def chunked_cross_entropy(
+  config: CodeGeeXConfig, hidden: jax.Array, embedding: jax.Array, targets, weights
+) -> jax.Array:
+  """sum(weights * token CE) from the top layer's output [b, t, d], `loss_chunk_size`
+  positions at a time: a scan over chunks of [b, c, vocab] logits, each recomputed in the
+  backward (jax.checkpoint), so fp32 logits of the whole sequence are never live. The
+  embedding's gradient accumulates over the chunks in its own (fp32 master) dtype."""
+  b, t, _ = hidden.shape
+  c = config.loss_chunk_size
+  if t % c:
+    raise ConfigError(f"loss_chunk_size {c} does not divide the sequence length {t}")
+
+  def chunk(total, xs):
+    h, tgt, w = xs
+    ce = optax.softmax_cross_entropy_with_integer_labels(output_logits(config, h, embedding), tgt)
+    return total + jnp.sum(ce * w), None
+
+  split = lambda x: x.reshape(b, t // c, c, *x.shape[2:]).swapaxes(0, 1)
+  total, _ = jax.lax.scan(
+    jax.checkpoint(chunk, prevent_cse=False),
+    jnp.zeros((), jnp.float32),
+    (split(hidden), split(targets), split(weights)),
+  )
+  return total
 
 
 def make_train_step(
