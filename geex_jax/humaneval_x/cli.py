@@ -136,18 +136,28 @@ def cmd_generate(args) -> int:
     raise InputError("no problems selected")
   options = {} if args.sampler else {"dtype": args.dtype, "int8": args.int8}
   tokenizer = None if args.tokenizer == "bytes" and not args.sampler else args.tokenizer
-  complete = generate.load_sampler(args.checkpoint, tokenizer, args.sampler, **options)
-  n = generate.generate(
-    complete,
-    jobs,
-    args.out,
-    args.n,
-    args.temperature,
-    args.top_p,
-    args.max_new_tokens,
-    args.batch_size,
-    progress=not args.quiet,
-  )
+  sampling = (args.n, args.temperature, args.top_p, args.max_new_tokens, args.batch_size)
+  if args.engine:
+    if args.sampler:
+      raise InputError("--engine runs the built-in model; it does not take --sampler")
+    if args.slots < 1 or args.chunk < 1:
+      raise InputError("--slots and --chunk must be >= 1")
+    engine = generate.load_engine(
+      args.checkpoint,
+      tokenizer,
+      jobs,
+      args.max_new_tokens,
+      slots=args.slots,
+      chunk=args.chunk,
+      **options,
+    )
+    try:
+      n = generate.generate_with_engine(engine, jobs, args.out, *sampling, progress=not args.quiet)
+    finally:
+      engine.stop(drain=False, timeout=60)
+  else:
+    complete = generate.load_sampler(args.checkpoint, tokenizer, args.sampler, **options)
+    n = generate.generate(complete, jobs, args.out, *sampling, progress=not args.quiet)
   print(f"{n} new samples appended to {args.out} ({len(jobs)} prompts x {args.n})")
   return 0
 
@@ -282,7 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=0.2, help="(paper: 0.2 pass@1, 0.8 @100)")
   p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
   p.add_argument("--max-new-tokens", type=int, default=1024)
-  p.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call")
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=8,
+    help="prompts per sampler call (with --engine: per seed group and per append)",
+  )
+  p.add_argument(
+    "--engine",
+    action="store_true",
+    help="continuous batching: every (problem, sample) takes a free slot as soon as one "
+    "ends, instead of static batches that wait for their longest sample; same samples",
+  )
+  p.add_argument("--slots", type=int, default=16, help="--engine: samples decoded at once")
+  p.add_argument("--chunk", type=int, default=8, help="--engine: decode steps between admissions")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(fn=cmd_generate)
 

@@ -17,12 +17,14 @@ def _parsers():
   from geex_jax.training import cli as train_cli  # noqa: F401  (imported for its gin configurables)
   from geex_jax.data import cli as data_cli
   from geex_jax.humaneval_x import cli as eval_cli
+  from geex_jax.serving import cli as serve_cli
 
   return {
     "geex-sample": sampling_cli.build_parser,
     "geex-eval": eval_cli.build_parser,
     "geex-convert": convert_cli.build_parser,
     "geex-data": data_cli._parser,
+    "geex-serve": serve_cli.build_parser,
     "geex-train": None,
   }
 
@@ -42,7 +44,7 @@ def readme_commands() -> list[tuple[int, list[str]]]:
     if line.endswith("\\"):
       continue
     text, joined = joined.strip(), ""
-    match = re.search(r"\b(geex-(?:train|sample|eval|convert|data))\b", text)
+    match = re.search(r"\b(geex-(?:train|sample|eval|convert|data|serve))\b", text)
     if match and not text.startswith(("from ", "import ", "#")):
       text = text[match.start() :].replace("$'", "'")
       # `[--flag value]` marks an optional part: check it like the rest.
