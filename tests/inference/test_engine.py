@@ -147,11 +147,9 @@ def test_no_recompile_per_request(engine):
   """Once each bucket has run, requests with any parameters compile nothing new."""
   engine.complete(_req("a" * 20, max_tokens=2, greedy=True), timeout=60)  # bucket 32
   engine.complete(_req("a", max_tokens=2, greedy=True), timeout=60)  # bucket 16
+  # P.TRACES counts the traces of every engine this process has built (other test modules build
+  # some too), so only its change is asserted: none from here on.
   before = dict(P.TRACES)
-  # One insert program per engine whatever the bucket (test_cancel... makes a second engine), one
-  # chunk program per attention window (compiled at warmup), one prefill per bucket.
-  assert before["insert"] <= 2 and before["prefill"] <= 2 * before["insert"]
-  assert before["chunk"] <= len(engine.windows) * before["insert"]
   variants = [
     dict(greedy=True, max_tokens=5),
     dict(temperature=0.3, top_k=2, max_tokens=9, seed=11, n=3),
