@@ -41,8 +41,11 @@ from geex_jax.inference import engine as E
 from geex_jax.inference.sampler import Sampler
 from geex_jax.model import codegeex as M
 
-DATA = "/work/shared/humaneval_x"
-TOKENIZER = "/work/shared/codegeex_tokenizer"
+# The data that is not ours to commit: ../shared beside the checkout (as the tests look), or
+# $GEEX_SHARED; --data / --tokenizer override.
+SHARED = os.environ.get("GEEX_SHARED", "../shared")
+DATA = os.path.join(SHARED, "humaneval_x")
+TOKENIZER = os.path.join(SHARED, "codegeex_tokenizer")
 
 
 class NoEos:

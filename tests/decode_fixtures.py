@@ -59,3 +59,29 @@ def checkpoint(tmp_path_factory, reference):
   path = tmp_path_factory.mktemp("ckpt")
   checkpoints.save_params(path, cfg, params)
   return path
+
+
+class CharTokenizer:
+  """A tokenizer over a few characters, so random tiny models emit newlines and braces all the
+  time (the stop rules fire); EOS is the id after the characters."""
+
+  def __init__(self, chars: str = "ab \t\n{}()"):
+    self.chars = chars
+    self.eos_id = len(chars)
+    self.vocab_size = len(chars) + 1
+
+  def encode(self, text):
+    return [self.chars.index(c) for c in text]
+
+  def decode(self, ids):
+    return "".join(self.chars[i] if i < len(self.chars) else "<|endoftext|>" for i in ids)
+
+
+def char_sampler(chars: str = "ab \t\n{}()", *, seed: int = 1, **sampler_kw):
+  """A Sampler of a random tiny model over CharTokenizer(chars). init_std 0.2: at 0.02 a tiny
+  random model's output is close to uniform noise or one token."""
+  from geex_jax.inference.sampler import Sampler
+
+  tok = CharTokenizer(chars)
+  cfg = M.CodeGeeXConfig.preset("tiny", vocab_size=tok.vocab_size, max_position=64, init_std=0.2)
+  return Sampler(cfg, M.init_params(cfg, jax.random.key(seed)), tok, **sampler_kw)

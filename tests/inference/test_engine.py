@@ -8,32 +8,15 @@ import time
 import jax
 import pytest
 
+from decode_fixtures import char_sampler
 from geex_jax.errors import InputError
 from geex_jax.inference import engine as E
 from geex_jax.inference import slot_programs as P
-from geex_jax.inference import sampler as S
-from geex_jax.model import codegeex as M
-
-
-class CharTokenizer:
-  """A 9-character vocabulary, so random tiny models emit newlines and braces all the time."""
-
-  chars = "ab \t\n{}()"
-  eos_id = len(chars)
-  vocab_size = len(chars) + 1
-
-  def encode(self, text):
-    return [self.chars.index(c) for c in text]
-
-  def decode(self, ids):
-    return "".join(self.chars[i] if i < len(self.chars) else "<|endoftext|>" for i in ids)
 
 
 @pytest.fixture(scope="module")
 def sampler():
-  tok = CharTokenizer()
-  cfg = M.CodeGeeXConfig.preset("tiny", vocab_size=tok.vocab_size, max_position=64, init_std=0.2)
-  return S.Sampler(cfg, M.init_params(cfg, jax.random.key(1)), tok, max_batch=16)
+  return char_sampler(seed=1, max_batch=16)
 
 
 @pytest.fixture(scope="module")

@@ -1,35 +1,16 @@
 """geex_jax/inference/sampler.py: the Sampler's stop rules and stop strings, streaming, loading a
 checkpoint (fp32, bf16 + int8), steps per loop."""
 
-import jax
 import jax.numpy as jnp
 import pytest
 
+import decode_fixtures
 from geex_jax.inference import sampler as S
-from geex_jax.model import codegeex as M
-
-
-class CharTokenizer:
-  """A 9-character vocabulary, so random tiny models emit newlines and braces all the time."""
-
-  chars = "ab \t\n{}()"
-  eos_id = len(chars)
-  vocab_size = len(chars) + 1
-
-  def encode(self, text):
-    return [self.chars.index(c) for c in text]
-
-  def decode(self, ids):
-    return "".join(self.chars[i] if i < len(self.chars) else "<|endoftext|>" for i in ids)
 
 
 @pytest.fixture(scope="module")
 def char_sampler():
-  tok = CharTokenizer()
-  # init_std 0.2: at 0.02 a tiny random model's output is close to uniform noise or one token.
-  cfg = M.CodeGeeXConfig.preset("tiny", vocab_size=tok.vocab_size, max_position=64, init_std=0.2)
-  params = M.init_params(cfg, jax.random.key(1))
-  return S.Sampler(cfg, params, tok, max_batch=16)
+  return decode_fixtures.char_sampler(seed=1, max_batch=16)
 
 
 @pytest.mark.parametrize(

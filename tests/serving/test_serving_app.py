@@ -4,34 +4,19 @@ OpenAI completions (plain, streamed, n > 1, prompt lists, stop), the CodeGeeX AP
 
 import json
 
-import jax
 import pytest
 from fastapi.testclient import TestClient
 
 from geex_jax.inference import engine as E
-from geex_jax.inference import sampler as S
-from geex_jax.model import codegeex as M
 from geex_jax.serving import protocol
+from decode_fixtures import char_sampler
 from geex_jax.serving.app import create_app
-
-
-class CharTokenizer:
-  chars = "ab \t\n{}()#:lnguePytho"  # includes the letters of "# language: Python"
-  eos_id = len(chars)
-  vocab_size = len(chars) + 1
-
-  def encode(self, text):
-    return [self.chars.index(c) for c in text]
-
-  def decode(self, ids):
-    return "".join(self.chars[i] if i < len(self.chars) else "<|endoftext|>" for i in ids)
 
 
 @pytest.fixture(scope="module")
 def sampler():
-  tok = CharTokenizer()
-  cfg = M.CodeGeeXConfig.preset("tiny", vocab_size=tok.vocab_size, max_position=64, init_std=0.2)
-  return S.Sampler(cfg, M.init_params(cfg, jax.random.key(2)), tok)
+  # The characters include the letters of "# language: Python" (the `lang` field's tag line).
+  return char_sampler("ab \t\n{}()#:lnguePytho", seed=2)
 
 
 @pytest.fixture(scope="module")
