@@ -36,7 +36,7 @@ def main() -> None:
   args = p.parse_args()
 
   from geex_jax.data import catalog, corpus, pipeline
-  from geex_jax.data.records import RecordReader
+  from geex_jax.data.tfds_corpus import DocumentReader
 
   corpus_dir = args.corpus or os.path.join(tempfile.mkdtemp(), "corpus")
   if not args.corpus:
@@ -64,7 +64,7 @@ def main() -> None:
   texts = [
     r[i].decode()
     for t in catalog.get(name).tasks
-    for r in [RecordReader(t.shards)]
+    for r in [DocumentReader(t.shards)]
     for i in range(len(r))
   ]
   base_tokens, start = 0, time.perf_counter()
@@ -91,7 +91,7 @@ def seqio_report(name: str, args, pipe_rate: float) -> None:
   import numpy as np
 
   from geex_jax.data import catalog, seqio_batches
-  from geex_jax.data.records import RecordReader
+  from geex_jax.data.tfds_corpus import DocumentReader
   from geex_jax.tokenizer import load_tokenizer
 
   L = args.sequence_length
@@ -115,7 +115,7 @@ def seqio_report(name: str, args, pipe_rate: float) -> None:
     [
       len(tok.encode(t.tag + "\n" + r[i].decode())) + 1
       for t in catalog.get(name).tasks
-      for r in [RecordReader(t.shards)]
+      for r in [DocumentReader(t.shards)]
       for i in range(len(r))
     ]
   )

@@ -316,12 +316,12 @@ def build_heldout(corpus_dir: pathlib.Path, out: pathlib.Path, max_bytes: int) -
   so there are several), skipping any whose text is in the corpus, until `max_bytes`.
   """
   from geex_jax.data.corpus import build_corpus, load_manifest
-  from geex_jax.data.records import RecordReader
+  from geex_jax.data.tfds_corpus import DocumentReader
 
   info = load_manifest(str(corpus_dir))["languages"].get("Python")
   seen = set()
   if info:
-    reader = RecordReader([str(corpus_dir / s) for s in info["shards"]])
+    reader = DocumentReader([str(corpus_dir / s) for s in info["shards"]])
     seen = {hashlib.sha256(reader[i]).digest() for i in range(len(reader))}
     reader.close()
   stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from geex_jax import demo
-from geex_jax.data import records
+from geex_jax.data import tfds_corpus
 from geex_jax.model import checkpoints
 
 SMALL = [
@@ -47,7 +47,7 @@ def test_demo_runs_every_stage(tmp_path, capsys, monkeypatch):
   assert res.train.step == 4 and checkpoints.latest_step(tmp_path / "run") == 4
   text = b"".join(
     (b"# language: Python\n" + doc)[1:]
-    for doc in records.RecordReader(
+    for doc in tfds_corpus.DocumentReader(
       [str(tmp_path / "heldout" / s) for s in held["languages"]["Python"]["shards"]]
     )
   )

@@ -1,9 +1,13 @@
-"""Corpus builder: source trees -> filtered, deduplicated, language-partitioned TFRecord shards.
+"""Corpus builder: source trees -> a filtered, deduplicated TFDS dataset with a split per language.
 
-Layout of a corpus directory:
-  manifest.json                 counts per language and per filter reason, shard lists, options
-  <slug>/<slug>-NNNNN.tfrecord  one record per kept file (its UTF-8 text), NNNNN = flush number
-  <slug>/<slug>-validation-NNNNN.tfrecord  the held-out documents of the same flush
+Layout of a corpus directory (the TFDS side is described in tfds_corpus.py):
+  manifest.json                 counts per language and per filter reason, shard lists, options;
+                                written last: a corpus without it is unfinished
+  dataset_info.json, features.json   TFDS metadata (`tfds.builder_from_directory` opens the corpus)
+  geex_corpus-<slug>.tfrecord-NNNNN  a language's training documents (tf.train.Example
+                                {"text"}), NNNNN = 0, 1, ... (one shard per flush holding the
+                                language)
+  geex_corpus-<slug>_validation.tfrecord-NNNNN  its held-out documents, the same way
   .build/state.json, hashes.bin resume state (kept after completion, so a rerun is a no-op)
 
 Held-out split: a kept document is held out (validation) when its content hash falls below
@@ -30,11 +34,12 @@ from typing import Iterable, Optional, Sequence
 from geex_jax import fileio
 from geex_jax import languages as langs
 from geex_jax.data import filters as F
-from geex_jax.data.records import write_records
+from geex_jax.data import tfds_corpus
 from geex_jax.errors import InputError
 
 MANIFEST = "manifest.json"
-FORMAT = "geex-corpus/1"
+# /1: raw UTF-8 records in <slug>/<slug>-NNNNN.tfrecord; /2: the TFDS dataset of tfds_corpus.py.
+FORMAT = "geex-corpus/2"
 _STATE_DIR = ".build"
 _HASH_BYTES = 16
 DEFAULT_HELDOUT_FRACTION = 0.01
@@ -127,6 +132,71 @@ def _empty_counts(lang_names: Iterable[str]) -> dict:
   }
 
 
+def classify_path(path: str, languages: Optional[Sequence[str]]) -> tuple[Optional[str], str]:
+  """(language name, "") of a file the builder reads; (None, "unknown_extension" |
+  "other_language") of one it skips by name alone."""
+  lang = langs.from_path(path)
+  if lang is None:
+    return None, "unknown_extension"
+  if languages is not None and lang.name not in languages:
+    return None, "other_language"
+  return lang.name, ""
+
+
+def read_document(
+  path: str, cfg: F.FilterConfig
+) -> tuple[Optional[str], Optional[bytes], Optional[bytes]]:
+  """(None, text, content digest) of a file the filters keep; (reason, None, None) otherwise.
+  Deduplication is the caller's: it depends on what was kept before."""
+  try:
+    # A gs:// object (the Beam builder's sources) is read up to the size limit without a stat.
+    reason = None if fileio.is_url(path) else F.size_reason(os.stat(path).st_size, cfg)
+    if reason is None:
+      with fileio.open_binary(path) as f:
+        data = f.read(cfg.max_bytes + 1)
+      reason = F.size_reason(len(data), cfg)  # the file may have changed since stat
+  except OSError:
+    reason = "unreadable"
+  if reason is None:
+    reason, _ = F.content_reason(data, cfg)
+  if reason is not None:
+    return reason, None, None
+  return None, data, content_digest(data)
+
+
+def count_kept(counts: dict, lang: str, split: str, size: int) -> None:
+  """Adds a kept document of `size` bytes to the manifest counts."""
+  lc = counts["languages"][lang]
+  counts["kept"] += 1
+  counts["bytes"] += size
+  if split == "validation":
+    counts["validation_documents"] += 1
+    lc["validation_documents"] += 1
+    lc["validation_bytes"] += size
+  else:
+    lc["documents"] += 1
+    lc["bytes"] += size
+
+
+def finish_corpus(out: str, options: dict, counts: dict) -> dict:
+  """Writes the TFDS metadata, then the manifest (the completion marker); returns the manifest."""
+  manifest = {"format": FORMAT, "complete": True, "options": options, **counts}
+  # Only languages with (training) documents are part of the corpus (and get a seqio task).
+  manifest["languages"] = {n: c for n, c in manifest["languages"].items() if c["documents"]}
+  tfds_corpus.write_dataset_info(out, manifest)
+  _atomic_write_json(os.path.join(out, MANIFEST), manifest)
+  return manifest
+
+
+def _check_format(manifest: dict, path: str) -> None:
+  found = manifest.get("format")
+  if found != FORMAT and isinstance(found, str) and found.startswith("geex-corpus/"):
+    raise InputError(
+      f"{path} describes a corpus in the older {found} layout (raw records, no TFDS metadata); "
+      f"rebuild it with `geex-data build --out NEW_DIR` (same --src) to get {FORMAT}"
+    )
+
+
 class _Builder:
   """One build run; `run()` returns the manifest."""
 
@@ -139,6 +209,7 @@ class _Builder:
     flush_bytes,
     max_bytes_per_language,
     heldout_fraction,
+    file_format,
     progress,
   ):
     self.sources = [os.path.abspath(s) for s in sources]
@@ -156,6 +227,8 @@ class _Builder:
       "filters": dataclasses.asdict(cfg),
       "max_bytes_per_language": max_bytes_per_language,
       "heldout_fraction": heldout_fraction,
+      "file_format": file_format,
+      "format": FORMAT,
     }
 
   def run(self) -> dict:
@@ -163,6 +236,7 @@ class _Builder:
     if os.path.exists(manifest_path):
       with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
+      _check_format(manifest, manifest_path)
       if manifest.get("options") != self.options:
         raise InputError(
           f"{self.out} already holds a corpus built with other options "
@@ -201,11 +275,7 @@ class _Builder:
       bar.close()
     finally:
       self._hashes_file.close()
-    manifest = {"format": FORMAT, "complete": True, "options": self.options, **self.state["counts"]}
-    # Only languages with (training) documents are part of the corpus (and get a seqio task).
-    manifest["languages"] = {n: c for n, c in manifest["languages"].items() if c["documents"]}
-    _atomic_write_json(manifest_path, manifest)
-    return manifest
+    return finish_corpus(self.out, self.options, self.state["counts"])
 
   def _load_or_init_state(self, files: list[str]) -> None:
     path = os.path.join(self.state_dir, "state.json")
@@ -235,13 +305,10 @@ class _Builder:
       for c in state["counts"]["languages"].values()
       for s in (*c["shards"], *c["validation_shards"])
     }
-    for c in state["counts"]["languages"].values():
-      d = os.path.join(self.out, c["slug"])
-      if os.path.isdir(d):
-        for name in os.listdir(d):
-          rel = f"{c['slug']}/{name}"
-          if rel not in known:
-            os.remove(os.path.join(d, name))
+    prefix = tfds_corpus.DATASET_NAME + "-"
+    for name in os.listdir(self.out):
+      if name.startswith(prefix) and name not in known:
+        os.remove(os.path.join(self.out, name))
 
   def _open_hashes(self) -> None:
     path = os.path.join(self.state_dir, "hashes.bin")
@@ -261,31 +328,18 @@ class _Builder:
   def _visit(self, path: str) -> Optional[tuple[str, str, bytes]]:
     """(language, "train" | "validation", text) of a kept file; None when it is dropped."""
     counts = self.state["counts"]
-    lang = langs.from_path(path)
+    lang, reason = classify_path(path, self.languages)
     if lang is None:
-      counts["unknown_extension"] += 1
+      counts[reason] += 1
       return None
-    if self.languages is not None and lang.name not in self.languages:
-      counts["other_language"] += 1
-      return None
-    lc = counts["languages"][lang.name]
+    lc = counts["languages"][lang]
     counts["files"] += 1
     lc["files"] += 1
     if self.budget is not None and lc["bytes"] + lc["validation_bytes"] >= self.budget:
       self._drop(lc, "over_budget")
       return None
-    try:
-      reason = F.size_reason(os.stat(path).st_size, self.cfg)
-      if reason is None:
-        with open(path, "rb") as f:
-          data = f.read(self.cfg.max_bytes + 1)
-        reason = F.size_reason(len(data), self.cfg)  # the file may have changed since stat
-    except OSError:
-      reason = "unreadable"
+    reason, data, digest = read_document(path, self.cfg)
     if reason is None:
-      reason, _ = F.content_reason(data, self.cfg)
-    if reason is None:
-      digest = content_digest(data)
       if digest in self.seen:
         reason = "duplicate"
       else:
@@ -294,27 +348,19 @@ class _Builder:
     if reason is not None:
       self._drop(lc, reason)
       return None
-    counts["kept"] += 1
-    counts["bytes"] += len(data)
-    if is_heldout(digest, self.heldout_fraction):
-      counts["validation_documents"] += 1
-      lc["validation_documents"] += 1
-      lc["validation_bytes"] += len(data)
-      return lang.name, "validation", data
-    lc["documents"] += 1
-    lc["bytes"] += len(data)
-    return lang.name, "train", data
+    split = "validation" if is_heldout(digest, self.heldout_fraction) else "train"
+    count_kept(counts, lang, split, len(data))
+    return lang, split, data
 
   def _flush(self, buffers: dict[tuple[str, str], list[bytes]], files_done: int) -> None:
     counts = self.state["counts"]
     flush = self.state["flushes"]
+    fmt = self.options["file_format"]
     for name, split in sorted(buffers):
       lc = counts["languages"][name]
       prefix = "" if split == "train" else "validation_"
-      infix = "" if split == "train" else "validation-"
-      rel = f"{lc['slug']}/{lc['slug']}-{infix}{flush:05d}.tfrecord"
-      os.makedirs(os.path.join(self.out, lc["slug"]), exist_ok=True)
-      n = write_records(os.path.join(self.out, rel), buffers[name, split])
+      rel = tfds_corpus.shard_path(lc["slug"], split, len(lc[f"{prefix}shards"]), fmt)
+      n = tfds_corpus.write_shard(os.path.join(self.out, rel), buffers[name, split], fmt)
       lc[f"{prefix}shard_documents"].append(n)
       lc[f"{prefix}shards"].append(rel)
     self._hashes_file.seek(self.state["hashes_len"])
@@ -337,6 +383,7 @@ def build_corpus(
   flush_bytes: int = 256 << 20,
   max_bytes_per_language: Optional[int] = None,
   heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+  file_format: str = tfds_corpus.DEFAULT_FILE_FORMAT,
   progress: bool = True,
 ) -> dict:
   """Builds (or resumes, or finds complete) the corpus in `out`; returns its manifest.
@@ -351,11 +398,13 @@ def build_corpus(
       held-out together (embedded demo).
     heldout_fraction: the share of documents held out as the validation split, chosen by content
       hash (`is_heldout`); 0 = none.
+    file_format: the shards' format, "tfrecord" or "array_record" (tfds_corpus.py).
     progress: show a tqdm progress bar on stderr.
   """
   if not sources:
     raise InputError("no --src directory given")
   heldout_fraction = _check_fraction(heldout_fraction)
+  tfds_corpus.check_file_format(file_format)
   for s in sources:
     if fileio.is_url(s):
       raise InputError(f"source {s!r}: the builder reads local directories (copy it here first)")
@@ -383,6 +432,7 @@ def build_corpus(
     flush_bytes,
     max_bytes_per_language,
     heldout_fraction,
+    file_format,
     progress,
   )
   return builder.run()
@@ -402,7 +452,11 @@ EMBEDDED_HELDOUT_FRACTION = 0.05
 
 
 def build_embedded_corpus(
-  out: str, *, heldout_fraction: float = EMBEDDED_HELDOUT_FRACTION, progress: bool = True
+  out: str,
+  *,
+  heldout_fraction: float = EMBEDDED_HELDOUT_FRACTION,
+  file_format: str = tfds_corpus.DEFAULT_FILE_FORMAT,
+  progress: bool = True,
 ) -> dict:
   """The demo corpus: a few MB from `embedded_sources()`, built in seconds, no download."""
   return build_corpus(
@@ -410,6 +464,7 @@ def build_embedded_corpus(
     out,
     max_bytes_per_language=EMBEDDED_BYTES_PER_LANGUAGE,
     heldout_fraction=heldout_fraction,
+    file_format=file_format,
     progress=progress,
   )
 
@@ -430,6 +485,7 @@ def load_manifest(corpus_dir: str) -> dict:
     ) from None
   except (OSError, ValueError) as e:
     raise InputError(f"cannot read {path}: {e}") from None
+  _check_format(manifest, path)
   if manifest.get("format") != FORMAT or not manifest.get("complete"):
     raise InputError(f"{path} is not a complete {FORMAT} manifest")
   return manifest

@@ -43,7 +43,7 @@ from geex_jax import languages as langs
 from geex_jax.data import catalog
 from geex_jax.data.corpus import load_manifest
 from geex_jax.data.mixture import language_rates
-from geex_jax.data.records import RecordReader
+from geex_jax.data.tfds_corpus import DocumentReader
 from geex_jax.errors import ConfigError, InputError
 from geex_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -138,7 +138,7 @@ class DocumentStream:
     self.seed = int(seed)
     self.shard_index, self.num_shards = shard_index, num_shards
     self.num_epochs = num_epochs
-    self._readers = [RecordReader(t.shards) for t in spec.tasks]
+    self._readers = [DocumentReader(t.shards) for t in spec.tasks]
     for t, r in zip(spec.tasks, self._readers):
       if len(r) != t.num_documents:
         raise InputError(

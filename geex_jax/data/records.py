@@ -1,8 +1,8 @@
 """TFRecord files: writing (through TensorFlow, for the CRCs), random-access reading (plain Python).
 
-The corpus stores one document per record, the payload being the file's UTF-8 text (no proto), so
-seqio reads the shards with `tf.data.TFRecordDataset` and the batch pipeline reads document k of a
-language with one seek, which is what makes its iterator state O(1) to restore. Reading works on
+The corpus stores one document per record (a tf.train.Example, tfds_corpus.py), so seqio and TFDS
+read the shards with tf.data and the batch pipeline reads document k of a language with one seek,
+which is what makes its iterator state O(1) to restore. Reading works on
 local files and gs:// objects alike (geex_jax.fileio); writing is local (the corpus builder).
 """
 

@@ -1,7 +1,7 @@
 """seqio Tasks (one per corpus language) and the Mixture, for seqio/t5x users.
 
-Task `{mixture}_{slug}`: source = the language's TFRecord shards (one UTF-8 document per record;
-split "train", and "validation" when the corpus holds held-out documents);
+Task `{mixture}_{slug}`: source = the language's TFRecord shards (one tf.train.Example {"text"} per
+document; split "train", and "validation" when the corpus holds held-out documents);
 preprocessors: prepend the tag line, tokenize, append EOD; output feature "targets". The batch
 pipeline (pipeline.py) produces the same documents without TensorFlow; the tests compare them.
 Use with `seqio.get_dataset(name, {"targets": L}, feature_converter=...)`; note that seqio's
@@ -11,19 +11,20 @@ packing truncates each document to L tokens (pipeline.py does not).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import seqio
 
-from geex_jax.data import catalog
+from geex_jax.data import catalog, tfds_corpus
 from geex_jax.data.tf_import import import_tf
 from geex_jax.data.vocabulary import CodeGeeXVocabulary
+from geex_jax.errors import ConfigError
 
 tf = import_tf()
 
 
-def _read_documents(files: tf.data.Dataset) -> tf.data.Dataset:
-  return tf.data.TFRecordDataset(files).map(lambda r: {"text": r})
+_DOCUMENT = {tfds_corpus.TEXT_FEATURE: tf.io.FixedLenFeature([], tf.string)}
 
 
 @seqio.map_over_dataset
@@ -39,6 +40,11 @@ def register_seqio(mixture: str, specs: Sequence[catalog.TaskSpec], rates: Seque
   """(Re)registers the seqio Tasks for `specs` and the Mixture `mixture` with `rates`."""
   vocabs = {}
   for spec in specs:
+    if any(".array_record-" in os.path.basename(s) for s in spec.shards):
+      raise ConfigError(
+        f"task {spec.name}: the seqio tasks read TFRecord shards and this corpus holds ArrayRecord "
+        "ones; build it with `geex-data build --file-format tfrecord` to train through seqio"
+      )
     vocab = vocabs.setdefault(spec.tokenizer_dir, CodeGeeXVocabulary(spec.tokenizer_dir))
     splits = {"train": list(spec.shards)}
     sizes = {"train": spec.num_documents}
@@ -50,9 +56,9 @@ def register_seqio(mixture: str, specs: Sequence[catalog.TaskSpec], rates: Seque
     seqio.TaskRegistry.remove(spec.name)
     seqio.TaskRegistry.add(
       spec.name,
-      source=seqio.FileDataSource(
-        read_file_fn=_read_documents,
+      source=seqio.TFExampleDataSource(
         split_to_filepattern=splits,
+        feature_description=_DOCUMENT,
         num_input_examples={k: v for k, v in sizes.items() if v is not None},
       ),
       preprocessors=[

@@ -33,6 +33,8 @@ def test_build_heldout_fraction(tmp_path, capsys):
     (["build", "--embedded", "--src", "x", "--out", "OUT"], "--embedded takes no --src"),
     (["build", "--src", ".", "--out", "OUT", "--languages", "klingon"], "unknown language"),
     (["build", "--src", ".", "--out", "OUT", "--heldout-fraction", "2"], "not in [0, 1)"),
+    (["build", "--src", ".", "--out", "OUT", "--", "--project=p"], "given without --runner"),
+    (["build", "--embedded", "--out", "OUT", "--runner", "DirectRunner"], "drop --runner"),
   ],
 )
 def test_errors_are_one_line_exit_2(tmp_path, capsys, argv, message):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from data_fixtures import code_file, write_tree
-from geex_jax.data import corpus, records
+from geex_jax.data import corpus, tfds_corpus
 from geex_jax.errors import InputError
 
 
@@ -59,7 +59,7 @@ def test_filters_and_dedup_exact_counts(crafted, tmp_path):
     py["documents"] == 3 and py["dropped"]["duplicate"] == 1 and py["dropped"]["too_small"] == 1
   )
   # The shard holds the kept files' exact text, in walk order.
-  reader = records.RecordReader([str(tmp_path / "out" / s) for s in py["shards"]])
+  reader = tfds_corpus.DocumentReader([str(tmp_path / "out" / s) for s in py["shards"]])
   texts = [reader[i].decode() for i in range(len(reader))]
   assert texts == [(crafted / p).read_text() for p in ("a/good0.py", "a/good1.py", "b/good2.py")]
   with open(tmp_path / "out" / "manifest.json") as f:
@@ -97,27 +97,27 @@ def test_resume_after_a_crash_equals_an_uninterrupted_build(tmp_path, monkeypatc
   opts = dict(flush_bytes=5000, heldout_fraction=0.3, progress=False)
   whole = corpus.build_corpus([str(src)], str(tmp_path / "whole"), **opts)
   assert whole["validation_documents"] > 0  # the resume covers the held-out shards too
-  real_write, calls = records.write_records, []
+  real_write, calls = tfds_corpus.write_shard, []
 
-  def crashing_write(path, payloads):
+  def crashing_write(path, texts, file_format):
     calls.append(path)
     if len(calls) == 5:
-      real_write(path, payloads)  # the shard lands, the state does not: must be redone
+      real_write(path, texts, file_format)  # the shard lands, the state does not: must be redone
       raise RuntimeError("simulated crash")
-    return real_write(path, payloads)
+    return real_write(path, texts, file_format)
 
-  monkeypatch.setattr(corpus, "write_records", crashing_write)
+  monkeypatch.setattr(tfds_corpus, "write_shard", crashing_write)
   with pytest.raises(RuntimeError):
     corpus.build_corpus([str(src)], str(tmp_path / "resumed"), **opts)
   assert not (tmp_path / "resumed" / "manifest.json").exists()
-  monkeypatch.setattr(corpus, "write_records", real_write)
+  monkeypatch.setattr(tfds_corpus, "write_shard", real_write)
   resumed = corpus.build_corpus([str(src)], str(tmp_path / "resumed"), **opts)
   whole["options"]["sources"] = resumed["options"]["sources"]
   assert resumed == whole
   for lang in whole["languages"].values():
     for shard in lang["shards"] + lang["validation_shards"]:
-      a = records.RecordReader([str(tmp_path / "whole" / shard)])
-      b = records.RecordReader([str(tmp_path / "resumed" / shard)])
+      a = tfds_corpus.DocumentReader([str(tmp_path / "whole" / shard)])
+      b = tfds_corpus.DocumentReader([str(tmp_path / "resumed" / shard)])
       assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
   # A completed corpus is not rebuilt; other options on the same --out are refused.
   assert corpus.build_corpus([str(src)], str(tmp_path / "whole"), **opts) == whole
@@ -127,16 +127,56 @@ def test_resume_after_a_crash_equals_an_uninterrupted_build(tmp_path, monkeypatc
     corpus.build_corpus([str(src)], str(tmp_path / "whole"), flush_bytes=5000, progress=False)
 
 
-def test_shards_read_back_with_tensorflow(tmp_path):
-  src = tmp_path / "src"
-  write_tree(src, {f"f{i}.py": code_file("py", i) for i in range(4)})
-  m = corpus.build_corpus([str(src)], str(tmp_path / "out"), progress=False)
-  from geex_jax.data.tf_import import import_tf
+@pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
+def test_the_corpus_is_a_tfds_dataset(tmp_path, file_format):
+  """tfds.builder_from_directory opens a built corpus: one split per language and per held-out
+  split, documents per split as in manifest.json, texts as in the sources; the ArrayRecord shards
+  give TFDS data sources random access; the batch pipeline's reader sees the same documents."""
+  import tensorflow_datasets as tfds
 
-  tf = import_tf()
-  shards = [str(tmp_path / "out" / s) for s in m["languages"]["Python"]["shards"]]
-  got = [r.numpy().decode() for r in tf.data.TFRecordDataset(shards)]
-  assert got == [(src / f"f{i}.py").read_text() for i in range(4)]
+  src = tmp_path / "src"
+  files = {f"f{i}.py": code_file("py", i) for i in range(12)}
+  files.update({f"g{i}.c": code_file("c", i) for i in range(5)})
+  write_tree(src, files)
+  out = tmp_path / "out"
+  m = corpus.build_corpus(
+    [str(src)],
+    str(out),
+    flush_bytes=3000,
+    heldout_fraction=0.3,
+    file_format=file_format,
+    progress=False,
+  )
+  builder = tfds.builder_from_directory(str(out))
+  splits = builder.info.splits
+  expected = {}
+  for c in m["languages"].values():
+    expected[c["slug"]] = c["documents"]
+    if c["validation_documents"]:
+      expected[c["slug"] + "_validation"] = c["validation_documents"]
+  assert {k: splits[k].num_examples for k in splits} == expected
+  assert splits["python"].num_shards == len(m["languages"]["Python"]["shards"]) > 1
+  sources = {t.encode() for t in files.values()}
+  if file_format == "array_record":
+    python = builder.as_data_source(split="python")  # random access (tfds.data_source)
+    texts = [python[i]["text"] for i in range(len(python))]
+  else:
+    texts = [x["text"] for x in tfds.as_numpy(builder.as_dataset(split="python"))]
+  assert len(texts) == m["languages"]["Python"]["documents"] and set(texts) <= sources
+  reader = tfds_corpus.DocumentReader([str(out / s) for s in m["languages"]["Python"]["shards"]])
+  assert sorted(reader) == sorted(texts)
+
+
+def test_a_corpus_in_the_old_layout_asks_for_a_rebuild(tmp_path):
+  src = tmp_path / "src"
+  write_tree(src, {"a.py": code_file("py", 0)})
+  corpus.build_corpus([str(src)], str(tmp_path / "out"), progress=False)
+  path = tmp_path / "out" / "manifest.json"
+  path.write_text(path.read_text().replace(corpus.FORMAT, "geex-corpus/1"))
+  with pytest.raises(InputError, match=r"older geex-corpus/1 layout .* rebuild it"):
+    corpus.load_manifest(str(tmp_path / "out"))
+  with pytest.raises(InputError, match=r"older geex-corpus/1 layout"):
+    corpus.build_corpus([str(src)], str(tmp_path / "out"), progress=False)
 
 
 def test_embedded_corpus_is_small_and_quick(tmp_path):
@@ -158,7 +198,7 @@ def test_bad_inputs_are_input_errors(tmp_path):
 
 
 def _texts(out, shards):
-  reader = records.RecordReader([str(out / s) for s in shards])
+  reader = tfds_corpus.DocumentReader([str(out / s) for s in shards])
   return [reader[i].decode() for i in range(len(reader))]
 
 
@@ -171,7 +211,9 @@ def _splits(m, out):
     assert len(val) == c["validation_documents"] == sum(c["validation_shard_documents"])
     assert c["bytes"] == sum(len(t.encode()) for t in train)
     assert c["validation_bytes"] == sum(len(t.encode()) for t in val)
-    assert all(s.startswith(f"{c['slug']}/{c['slug']}-validation-") for s in c["validation_shards"])
+    assert all(
+      s.startswith(f"geex_corpus-{c['slug']}_validation.tfrecord-") for s in c["validation_shards"]
+    )
     got[name] = (train, val)
   assert m["validation_documents"] == sum(len(v) for _, v in got.values())
   assert m["kept"] == sum(len(t) + len(v) for t, v in got.values())

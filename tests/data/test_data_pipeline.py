@@ -7,7 +7,7 @@ import pytest
 
 from data_fixtures import mixed_tree
 from geex_jax.data import catalog, corpus, pipeline
-from geex_jax.data.records import RecordReader
+from geex_jax.data.tfds_corpus import DocumentReader
 from geex_jax.errors import ConfigError
 from geex_jax.tokenizer import load_tokenizer
 
@@ -44,7 +44,7 @@ def flatten(bs, key):
 def documents_of(task_name, corpus_dir):
   """Every document of a task as the pipeline should emit it: tag line, text, EOD."""
   spec = catalog.get(task_name).tasks[0]
-  reader = RecordReader(spec.shards)
+  reader = DocumentReader(spec.shards)
   tok = load_tokenizer(None)
   return [
     tok.encode(spec.tag + "\n" + reader[i].decode()) + [tok.eos_id] for i in range(len(reader))
@@ -234,7 +234,7 @@ def heldout_dir(tmp_path_factory):
 
 def split_documents(spec, split):
   """Every document of `spec`'s split as the pipeline emits it."""
-  reader = RecordReader(spec.split(split).shards)
+  reader = DocumentReader(spec.split(split).shards)
   tok = load_tokenizer(None)
   return [
     tuple(tok.encode(spec.tag + "\n" + reader[i].decode()) + [tok.eos_id])

@@ -4,7 +4,7 @@ import pytest
 
 from data_fixtures import mixed_tree
 from geex_jax.data import catalog, corpus, pipeline
-from geex_jax.data.records import RecordReader
+from geex_jax.data.tfds_corpus import DocumentReader
 from geex_jax.tokenizer import load_tokenizer
 
 seqio = pytest.importorskip("seqio")
@@ -24,7 +24,7 @@ def test_task_documents_equal_the_pipeline_documents(registered, tokenizer_dir):
     task = seqio.get_mixture_or_task(spec.name)
     ds = task.get_dataset(sequence_length=None, split="train", shuffle=False)
     got = [ex["targets"].tolist() for ex in ds.as_numpy_iterator()]
-    reader = RecordReader(spec.shards)
+    reader = DocumentReader(spec.shards)
     want = [
       tok.encode(spec.tag + "\n" + reader[i].decode()) + [tok.eos_id] for i in range(len(reader))
     ]
@@ -83,4 +83,4 @@ def test_held_out_shards_become_the_validation_split(registered):
   assert set(task.splits) == {"train", "validation"}
   assert task.num_input_examples("validation") == 3
   ds = task.get_dataset(sequence_length=None, split="validation", shuffle=False)
-  assert len(list(ds.as_numpy_iterator())) == len(RecordReader(spec.shards[:1]))
+  assert len(list(ds.as_numpy_iterator())) == len(DocumentReader(spec.shards[:1]))

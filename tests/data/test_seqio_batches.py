@@ -8,7 +8,7 @@ import pytest
 
 from data_fixtures import mixed_tree
 from geex_jax.data import catalog, corpus, pipeline
-from geex_jax.data.records import RecordReader
+from geex_jax.data.tfds_corpus import DocumentReader
 from geex_jax.errors import ConfigError
 from geex_jax.tokenizer import load_tokenizer
 
@@ -48,7 +48,7 @@ def documents(name):
   tok = load_tokenizer(None)
   out = []
   for spec in catalog.get(name).tasks:
-    reader = RecordReader(spec.shards)
+    reader = DocumentReader(spec.shards)
     out += [tok.encode(spec.tag + "\n" + reader[i].decode()) + [EOS] for i in range(len(reader))]
   return out
 

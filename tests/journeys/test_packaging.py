@@ -56,7 +56,7 @@ def test_dependencies_are_what_the_code_imports():
   assert not missing, f"imported but not declared in pyproject.toml: {missing}"
   unused = (declared | optional) - set(used)
   # Declared for what they bring at run time rather than by import name.
-  unused -= {"tensorflow-text", "tensorflow-datasets", "importlib-resources"}
+  unused -= {"tensorflow-text", "importlib-resources"}
   # The `test` extra is what the tests import, not the package.
   unused -= {_requirement_name(r) for r in project["optional-dependencies"].get("test", [])}
   assert not unused, f"declared in pyproject.toml but never imported: {sorted(unused)}"

@@ -420,3 +420,48 @@ def test_metrics_log_drops_steps_past_the_restored_one(tmp_path):
   untouched = path.read_text()
   train_metrics.MetricsLog(fileio.as_path(path), start=7).close()
   assert path.read_text() == untouched
+
+
+@pytest.mark.slow
+def test_beam_build_from_gs_sources_into_gs(gcs, runs, monkeypatch):
+  """`geex-data build --runner DirectRunner` with --src and --out on gs://: the same documents
+  as the local in-process build of the same files, and TFDS opens the copy it wrote."""
+  import tensorflow_datasets as tfds
+
+  from geex_jax import fileio
+  from geex_jax.data import tfds_corpus
+
+  work = runs["work"]
+  fileio.copy_tree(work / "src", f"gs://{BUCKET}/src")
+  out = f"gs://{BUCKET}/corpus_beam"
+  _run(
+    gcs,
+    work,
+    "geex-data",
+    "build",
+    "--src",
+    f"gs://{BUCKET}/src",
+    "--out",
+    out,
+    "--runner",
+    "DirectRunner",
+    "--num-workers",
+    "1",
+    "--no-progress",
+  )
+  for k, v in gcs["env"].items():
+    monkeypatch.setenv(k, v)
+  fileio.copy_tree(out, work / "corpus_beam_copy")
+  assert not any(p.startswith(".beam") for p in fileio.list_files(work / "corpus_beam_copy"))
+  local = json.loads((work / "corpus" / "manifest.json").read_text())
+  remote = json.loads((work / "corpus_beam_copy" / "manifest.json").read_text())
+  assert remote["kept"] == local["kept"] and remote["dropped"] == local["dropped"]
+
+  def texts(root, manifest):
+    return sorted(
+      tfds_corpus.DocumentReader([str(root / s) for s in manifest["languages"]["Python"]["shards"]])
+    )
+
+  assert texts(work / "corpus_beam_copy", remote) == texts(work / "corpus", local)
+  builder = tfds.builder_from_directory(str(work / "corpus_beam_copy"))
+  assert builder.info.splits["python"].num_examples == local["languages"]["Python"]["documents"]
