@@ -104,14 +104,19 @@ class CompletionRequest:
   # Sample j draws from fold_in(key(seed), first_row + j): the keys of Sampler rows
   # first_row..first_row+n-1 (prompt i of a Sampler call with n samples: first_row = i * n).
   first_row: int = 0
+  # Report each completion token's log-probability and the `logprobs` most likely tokens at its
+  # step (0..slot_programs.LOGPROBS); None: none.
+  logprobs: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Delta:
-  """New final text of sample `index`."""
+  """New final text of sample `index` (and, when asked, the log-probabilities of the tokens that
+  start in it: `logprobs`, in the OpenAI completions format)."""
 
   index: int
   text: str
+  logprobs: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +128,9 @@ class Finished:
   text: str
   reason: str
   num_tokens: int
+  # When asked: {"tokens", "token_logprobs", "top_logprobs", "text_offset"} of the whole
+  # completion's tokens (those that start within `text`).
+  logprobs: Optional[dict] = None
 
   @property
   def openai_reason(self) -> str:
@@ -210,6 +218,10 @@ class _Sample:
     self.emitted = 0  # characters of final text sent
     self.slot: Optional[int] = None
     self.finished = False
+    # With logprobs: per token (log p, top ids, top log p) and its offset in the decoded text.
+    self.scores: list[tuple[float, list[int], list[float]]] = []
+    self.offsets: list[int] = []
+    self.scores_sent = 0
     self.dispatched = 0  # decode steps queued for its slot (an upper bound of those run)
 
   def reach(self, k: int) -> int:
@@ -355,6 +367,11 @@ class Engine:
       seed_value(request.seed)
     if not (isinstance(request.first_row, (int, np.integer)) and request.first_row >= 0):
       raise InputError(f"first_row must be an integer >= 0, got {request.first_row!r}")
+    lp = request.logprobs
+    if lp is not None and not (
+      isinstance(lp, (int, np.integer)) and not isinstance(lp, bool) and 0 <= lp <= P.LOGPROBS
+    ):
+      raise InputError(f"logprobs must be an integer in [0, {P.LOGPROBS}], got {lp!r}")
     if request.language is not None:
       try:
         languages.get(request.language)
@@ -460,7 +477,7 @@ class Engine:
       inserted = self._admit(admit)
       dispatched = None
       if any(o is not None for o in self._owner):
-        cache, rows, toks, emitted, fin = P.chunk(
+        cache, rows, outs, fin = P.chunk(
           self.spec,
           self.params,
           self._cache,
@@ -474,11 +491,11 @@ class Engine:
             o.dispatched += self.spec.chunk
         self._cache, self._rows = cache, rows
         self.stats["chunks"] += 1
-        dispatched = ((toks, emitted, fin), list(self._owner))
+        dispatched = ((outs, fin), list(self._owner))
       # While the chunk runs: the first tokens of the new slots, then the previous chunk.
-      for sample, out in inserted:
-        tok, em, code = jax.device_get(out)
-        self._take(sample, tok[:1], em[:1], int(code[0]))
+      for sample, (out, code) in inserted:
+        out, code = jax.device_get((out, code))
+        self._take(sample, jax.tree.map(lambda x: x[0], out), int(code[0]))
       if pending is not None:
         self._read(*pending)
       pending = dispatched
@@ -556,8 +573,9 @@ class Engine:
         max_tokens=jnp.int32(s.max_tokens),
         rule_kind=jnp.int32(kind),
         rule_init=jnp.int32(rule_init),
+        logprobs=jnp.bool_(req.logprobs is not None),
       )
-      self._cache, self._rows, tok, em, code = P.insert(
+      self._cache, self._rows, emitted, code = P.insert(
         spec,
         self._cache,
         self._rows,
@@ -570,52 +588,90 @@ class Engine:
         self._tables,
       )
       self._host_done[slot] = False
-      out.append((s, (tok, em, code)))
+      out.append((s, (emitted, code)))
     return out
 
   def _read(self, outputs, owners) -> None:
-    toks, emitted, fin = jax.device_get(outputs)
+    outs, fin = jax.device_get(outputs)
     for slot, s in enumerate(owners):
       if s is None or s.finished:
         continue
-      self._take(s, toks[slot], emitted[slot], int(fin[slot]))
+      self._take(s, jax.tree.map(lambda x: x[slot], outs), int(fin[slot]))
 
-  def _take(self, s: _Sample, toks: np.ndarray, emitted: np.ndarray, code: int) -> None:
-    """New tokens of a sample: stream the text that became final, stop it on a stop string or
-    the text rule, finish it when the device says it ended."""
+  def _take(self, s: _Sample, out: P.Emitted, code: int) -> None:
+    """New tokens of a sample (`out`: one slot's steps): stream the text that became final, stop
+    it on a stop string or the text rule, finish it when the device says it ended."""
     if s.finished:
       return
-    new = toks[emitted].tolist()
+    keep = out.emitted
+    new = out.tokens[keep].tolist()
     h = s.handle
     if new and h.first_token_at is None:
       h.first_token_at = time.monotonic()
-    s.tokens.extend(new)
     req = h.request
+    if req.logprobs is not None:
+      for tok, lp, ids, lps in zip(
+        new, out.logprob[keep], out.top_ids[keep], out.top_logprobs[keep]
+      ):
+        s.offsets.append(len(self.tokenizer.decode(s.tokens)) if s.tokens else 0)
+        s.tokens.append(tok)
+        s.scores.append((float(lp), ids.tolist(), lps.tolist()))
+    else:
+      s.tokens.extend(new)
     text = self.tokenizer.decode(s.tokens) if s.tokens else ""
     if code >= 0 or cut_text(text, req.language, req.stop, s.at_start) != text:
       reason = FINISH_REASONS[code] if code >= 0 else "length"
       done = _completion(text, s.tokens, reason, req.language, req.stop, s.at_start)
-      self._finish(s, done.finish_reason, done.text)
+      self._finish(s, done.finish_reason, done.text, decoded=text)
       return
     upto = _stable_length(text, req.language, s.at_start, req.stop)
     if upto > s.emitted:
-      h._push(Delta(s.index, text[s.emitted : upto]))
+      h._push(Delta(s.index, text[s.emitted : upto], self._scores(s, text, upto)))
       s.emitted = upto
 
-  def _finish(self, s: _Sample, reason: str, text: Optional[str] = None) -> None:
-    """Ends a sample: the rest of its text, its Finished event, its slot freed."""
+  def _scores(self, s: _Sample, decoded: str, upto: int, everything: bool = False):
+    """The OpenAI logprobs object of the tokens that start before character `upto` of the
+    decoded text and were not reported yet (all such tokens with `everything`); None when the
+    request did not ask."""
+    want = s.handle.request.logprobs
+    if want is None:
+      return None
+    start = 0 if everything else s.scores_sent
+    end = start
+    while end < len(s.offsets) and s.offsets[end] < upto:
+      end += 1
+    if not everything:
+      s.scores_sent = end
+    bounds = s.offsets[start : end + 1] + ([len(decoded)] if end == len(s.offsets) else [])
+    decode = self.tokenizer.decode
+    return {
+      "tokens": [decoded[a:b] for a, b in zip(bounds, bounds[1:])],
+      "token_logprobs": [lp for lp, _, _ in s.scores[start:end]],
+      "top_logprobs": [
+        {decode([i]): lp for i, lp in zip(ids[:want], lps[:want])}
+        for _, ids, lps in s.scores[start:end]
+      ],
+      "text_offset": s.offsets[start:end],
+    }
+
+  def _finish(self, s: _Sample, reason: str, text: Optional[str] = None, decoded: str = "") -> None:
+    """Ends a sample: the rest of its text, its Finished event, its slot freed. decoded: the
+    sample's whole decoded text (`text` is its cut completion), for the log-probabilities."""
     if s.finished:
       return
     s.finished = True
     h = s.handle
-    if text is not None and len(text) > s.emitted:
-      h._push(Delta(s.index, text[s.emitted :]))
+    scores = None
+    if text is not None:
+      if len(text) > s.emitted:
+        h._push(Delta(s.index, text[s.emitted :], self._scores(s, decoded, len(text))))
+      scores = self._scores(s, decoded, len(text), everything=True)
     if s.slot is not None and self._owner[s.slot] is s:
       self._owner[s.slot] = None
       self._host_done[s.slot] = True
     h.completion_tokens += len(s.tokens)
     self.stats["tokens"] += len(s.tokens)
-    h._push(Finished(s.index, text if text is not None else "", reason, len(s.tokens)))
+    h._push(Finished(s.index, text if text is not None else "", reason, len(s.tokens), scores))
     h._open -= 1
     if h._open == 0:
       h.finished_at = time.monotonic()

@@ -54,6 +54,7 @@ class Rows(NamedTuple):
   top_k: Array  # int32 (0: off)
   greedy: Array  # bool
   max_tokens: Array  # int32
+  logprobs: Array  # bool: report each token's log-probability and the top LOGPROBS ones
 
 
 class SlotParams(NamedTuple):
@@ -67,6 +68,23 @@ class SlotParams(NamedTuple):
   max_tokens: Array
   rule_kind: Array
   rule_init: Array
+  logprobs: Array
+
+
+# Log-probabilities reported per token: the chosen one's and the LOGPROBS most likely (the
+# OpenAI API's maximum), under the model's own distribution (temperature 1, no top-k/top-p), as
+# vLLM reports them by default.
+LOGPROBS = 5
+
+
+class Emitted(NamedTuple):
+  """What a program hands the host per slot and step ([S, k] or [S, k, LOGPROBS])."""
+
+  tokens: Array  # int32
+  emitted: Array  # bool: the token belongs to a live row's completion
+  logprob: Array  # float32 the token's log-probability (0 where no row asked)
+  top_ids: Array  # int32 [..., LOGPROBS]
+  top_logprobs: Array  # float32 [..., LOGPROBS]
 
 
 TRACES: collections.Counter = collections.Counter()  # program name -> times traced (tests)
@@ -120,10 +138,27 @@ def _rule_step(tables, kind: Array, state: Array, tok: Array) -> tuple[Array, Ar
   return new, fired
 
 
-def _choose(spec: EngineSpec, rows: Rows, logits: Array, tables) -> tuple[Rows, Array, Array]:
+def _log_probs(logits: Array, tok: Array, want: Array) -> tuple[Array, Array, Array]:
+  """(log p(tok) [S], top ids [S, LOGPROBS], their log p [S, LOGPROBS]); computed only when a
+  row asks (`want` [S]), zeros otherwise."""
+  s = logits.shape[0]
+  k = min(LOGPROBS, logits.shape[-1])
+
+  def compute(x):
+    lp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(lp, k)
+    return jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+  def skip(x):
+    return jnp.zeros((s,), jnp.float32), jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k))
+
+  return jax.lax.cond(jnp.any(want), compute, skip, logits)
+
+
+def _choose(spec: EngineSpec, rows: Rows, logits: Array, tables) -> tuple[Rows, Emitted]:
   """Chooses token `rows.step` of every row from logits [S, V], as `decoding._choose` does.
 
-  Returns (rows, tokens [S], emitted [S]: the token belongs to a live row's completion)."""
+  Returns (rows, what the host reads of this step, each [S] / [S, LOGPROBS])."""
   keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(rows.keys), rows.step)
   best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scaled = logits / rows.temperature[:, None]
@@ -141,6 +176,7 @@ def _choose(spec: EngineSpec, rows: Rows, logits: Array, tables) -> tuple[Rows, 
   tok = jnp.where(rows.greedy, best, drawn)
   live = ~rows.done
   tok = jnp.where(live, tok, max(spec.eos_id, 0))
+  logprob, top_ids, top_lp = _log_probs(logits, tok, rows.logprobs & live)
   rule_state, fired = _rule_step(tables, rows.rule_kind, rows.rule_state, tok)
   is_eos = tok == spec.eos_id
   reason = jnp.where(live & is_eos, _EOS, jnp.where(live & fired, _RULE, rows.reason))
@@ -152,7 +188,7 @@ def _choose(spec: EngineSpec, rows: Rows, logits: Array, tables) -> tuple[Rows, 
     reason=reason,
     rule_state=jnp.where(live, rule_state, rows.rule_state),
   )
-  return rows, tok, live & ~is_eos
+  return rows, Emitted(tok, live & ~is_eos, logprob, top_ids, top_lp)
 
 
 def _finish_code(rows: Rows) -> Array:
@@ -190,8 +226,8 @@ def insert(
   spec: EngineSpec, cache, rows: Rows, small, logits, slot, lb, length, p: SlotParams, tables
 ):
   """Puts a prefilled prompt (`_prefill`'s cache: `length` real tokens ending at position lb)
-  into slot `slot` and chooses the slot's first token. Returns (cache, rows, token, emitted,
-  finish code), the last three as [1]."""
+  into slot `slot` and chooses the slot's first token. Returns (cache, rows, Emitted [1, 1, ...],
+  finish code [1])."""
   TRACES["insert"] += 1
   pad = lb - length
   positions = jnp.arange(spec.max_length)
@@ -223,10 +259,11 @@ def insert(
     top_k=p.top_k[None],
     greedy=p.greedy[None],
     max_tokens=p.max_tokens[None],
+    logprobs=p.logprobs[None],
   )
-  one, tok, emitted = _choose(spec, one, logits, tables)
+  one, out = _choose(spec, one, logits, tables)
   rows = Rows(*(r.at[slot].set(o[0]) for r, o in zip(rows, one)))
-  return cache, rows, tok, emitted, _finish_code(one)
+  return cache, rows, jax.tree.map(lambda x: x[:, None], out), _finish_code(one)
 
 
 def _narrow(path, x, window: int):
@@ -256,7 +293,7 @@ def chunk(spec: EngineSpec, params, cache, rows: Rows, host_done: Array, tables,
   An idle slot's frozen index may lie past the window: its write lands at position window - 1,
   which nothing reads (a slot's cache is rewritten whole when a prompt is inserted).
 
-  Returns (cache, rows, tokens [S, k], emitted [S, k], finish code [S])."""
+  Returns (cache, rows, Emitted [S, k, ...], finish code [S])."""
   TRACES["chunk"] += 1
   full = None
   if window < spec.max_length:
@@ -270,7 +307,7 @@ def chunk(spec: EngineSpec, params, cache, rows: Rows, host_done: Array, tables,
     return logits[0], c
 
   def body(carry):
-    i, cache, rows, toks, emitted = carry
+    i, cache, rows, outs = carry
     logits, new = jax.vmap(one_slot)(cache, rows.last)
 
     def keep_idle(path, old, upd):  # idle slots do not advance (their index stays < M)
@@ -280,17 +317,24 @@ def chunk(spec: EngineSpec, params, cache, rows: Rows, host_done: Array, tables,
       return upd
 
     cache = jax.tree_util.tree_map_with_path(keep_idle, cache, new)
-    rows, tok, em = _choose(spec, rows, logits, tables)
-    return i + 1, cache, rows, toks.at[:, i].set(tok), emitted.at[:, i].set(em)
+    rows, out = _choose(spec, rows, logits, tables)
+    return i + 1, cache, rows, jax.tree.map(lambda a, x: a.at[:, i].set(x), outs, out)
 
   def cond(carry):
     return (carry[0] < k) & ~jnp.all(carry[2].done)
 
-  init = (jnp.int32(0), cache, rows, jnp.zeros((s, k), jnp.int32), jnp.zeros((s, k), bool))
-  _, cache, rows, toks, emitted = jax.lax.while_loop(cond, body, init)
+  n = min(LOGPROBS, spec.decode.config.vocab_size)
+  outs = Emitted(
+    jnp.zeros((s, k), jnp.int32),
+    jnp.zeros((s, k), bool),
+    jnp.zeros((s, k), jnp.float32),
+    jnp.zeros((s, k, n), jnp.int32),
+    jnp.zeros((s, k, n), jnp.float32),
+  )
+  _, cache, rows, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, rows, outs))
   if full is not None:
     cache = jax.tree_util.tree_map_with_path(_widen_back, full, cache)
-  return cache, rows, toks, emitted, _finish_code(rows)
+  return cache, rows, outs, _finish_code(rows)
 
 
 def empty_rows(slots: int, key_words: int) -> Rows:
@@ -308,4 +352,5 @@ def empty_rows(slots: int, key_words: int) -> Rows:
     top_k=z(jnp.int32),
     greedy=jnp.ones((slots,), bool),
     max_tokens=jnp.ones((slots,), jnp.int32),
+    logprobs=jnp.zeros((slots,), bool),
   )

@@ -170,7 +170,7 @@ def create_app(engine: Engine, model_name: str, *, start_engine: bool = True) ->
       {
         "index": i * n + f.index,
         "text": (h.request.prompt if call.echo else "") + f.text,
-        "logprobs": None,
+        "logprobs": f.logprobs,
         "finish_reason": f.openai_reason,
       }
       for i, (h, row) in enumerate(zip(handles, finals))
@@ -203,7 +203,7 @@ def create_app(engine: Engine, model_name: str, *, start_engine: bool = True) ->
           continue
         index = i * n + ev.index
         if isinstance(ev, Delta):
-          choice = {"index": index, "text": ev.text, "logprobs": None, "finish_reason": None}
+          choice = {"index": index, "text": ev.text, "logprobs": ev.logprobs, "finish_reason": None}
         else:
           choice = {"index": index, "text": "", "logprobs": None, "finish_reason": ev.openai_reason}
         yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from geex_jax import languages
 from geex_jax.errors import InputError
 from geex_jax.inference.engine import CompletionRequest
+from geex_jax.inference.slot_programs import LOGPROBS
 
 MAX_N = 64  # samples per prompt
 MAX_STOP = 4  # stop strings, as OpenAI allows
@@ -76,8 +77,9 @@ def parse_completion(body: Any) -> CompletionCall:
   echo = body.get("echo", False)
   if not isinstance(echo, bool):
     raise InputError("'echo' must be true or false")
-  if body.get("logprobs") is not None:
-    raise InputError("'logprobs' is not supported")
+  logprobs = _int(body, "logprobs", None, 0, LOGPROBS)
+  if logprobs is not None and echo:
+    raise InputError("'logprobs' with 'echo' is not supported: prompt tokens are not scored")
   prompt = body.get("prompt")
   if isinstance(prompt, str):
     prompts = [prompt]
@@ -111,6 +113,7 @@ def parse_completion(body: Any) -> CompletionCall:
     seed=_int(body, "seed", None, 0, 2**32 - 1),
     stop=tuple(s for s in stops if s),
     language=_language(body, "lang"),
+    logprobs=logprobs,
   )
   return CompletionCall(
     requests=[CompletionRequest(p, **common) for p in prompts],

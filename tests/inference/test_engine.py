@@ -196,3 +196,50 @@ def test_per_row_filters_equal_token_choice(scale):
   for i, (k, p) in enumerate(settings):
     want = np.asarray(filter_logits(logits[i : i + 1], k, p, use_top_p=p < 1.0))[0]
     np.testing.assert_array_equal(np.isfinite(got[i]), np.isfinite(want))
+
+
+@pytest.mark.parametrize("case", [dict(greedy=True), dict(temperature=2.0, seed=5)])
+def test_logprobs_are_the_models_log_softmax(engine, sampler, case):
+  """logprobs=3: each completion token's log-probability and the top 3 equal the log-softmax of
+  a teacher-forced forward pass over prompt + completion (the model's own distribution, whatever
+  the sampling temperature); token strings add up to the text; the streamed pieces add up to
+  the final object."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from geex_jax.model import codegeex as M
+
+  prompt = "a(b)\n"
+  h = engine.submit(_req(prompt, max_tokens=12, logprobs=3, **case))
+  streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+  final = None
+  for ev in h.events(timeout=120):
+    if isinstance(ev, E.Delta) and ev.logprobs:
+      for k in streamed:
+        streamed[k] += ev.logprobs[k]
+    elif isinstance(ev, E.Finished):
+      final = ev
+  lp = final.logprobs
+  assert lp is not None and streamed == lp
+  assert "".join(lp["tokens"]) == final.text and len(lp["tokens"]) == final.num_tokens > 0
+  assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+  tok = sampler.tokenizer
+  ids = tok.encode(prompt) + tok.encode(final.text)
+  logits = M.CodeGeeX(sampler.config).apply({"params": sampler.params}, jnp.asarray([ids]))
+  ref = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))[len(tok.encode(prompt)) - 1 : -1]
+  np.testing.assert_allclose(
+    lp["token_logprobs"], ref[np.arange(len(ref)), ids[len(ids) - len(ref) :]], atol=1e-4
+  )
+  for row, top in zip(ref, lp["top_logprobs"]):
+    best = np.argsort(-row)[:3]
+    assert list(top) == [tok.decode([i]) for i in best]
+    np.testing.assert_allclose(list(top.values()), row[best], atol=1e-4)
+  if case.get("greedy"):  # greedy picks the most likely token
+    assert all(t == next(iter(top)) for t, top in zip(lp["tokens"], lp["top_logprobs"]))
+
+
+def test_no_logprobs_unless_asked(engine):
+  got = engine.complete(_req("a(b)\n", max_tokens=6, greedy=True), timeout=120)[0]
+  assert got.logprobs is None
+  with pytest.raises(InputError, match=r"logprobs must be an integer in \[0, 5\]"):
+    engine.submit(_req("a", logprobs=6))

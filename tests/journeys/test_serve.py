@@ -153,6 +153,14 @@ def test_openai_client_completions(server, client, reference, tokenizer_dir):
   assert cut.choices[0].text == want[: want.index(stop)]
   assert cut.choices[0].finish_reason == "stop"
 
+  scored = client.completions.create(
+    model="codegeex-tiny", prompt=PROMPT, max_tokens=NEW, temperature=0, logprobs=3
+  )
+  lp = scored.choices[0].logprobs
+  assert scored.choices[0].text == want and "".join(lp.tokens) == want
+  assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset)
+  assert all(len(top) == 3 and t in top for t, top in zip(lp.tokens, lp.top_logprobs))
+
   with pytest.raises(openai.BadRequestError, match="infilling"):
     client.completions.create(model="codegeex-tiny", prompt=PROMPT, suffix="\n", max_tokens=4)
 

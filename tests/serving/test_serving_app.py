@@ -95,6 +95,27 @@ def test_echo_prepends_the_prompt_plain_and_streamed(client):
   assert texts == echoed and lines[-1] == "data: [DONE]"
 
 
+def test_logprobs_plain_and_streamed(client):
+  """logprobs=2: per token its string, log-probability, the top 2 and its offset; the greedy
+  token is the most likely; streamed pieces add up to the non-streamed object."""
+  body = {"prompt": "a(b)\n", "max_tokens": 10, "temperature": 0, "logprobs": 2}
+  (choice,) = _complete(client, **body)["choices"]
+  lp = choice["logprobs"]
+  assert "".join(lp["tokens"]) == choice["text"] and len(lp["tokens"]) > 0
+  assert all(len(top) == 2 and max(top.values()) <= 0 for top in lp["top_logprobs"])
+  assert all(t == max(top, key=top.get) for t, top in zip(lp["tokens"], lp["top_logprobs"]))
+  assert [top[t] for t, top in zip(lp["tokens"], lp["top_logprobs"])] == lp["token_logprobs"]
+  with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+    lines = [l for l in r.iter_lines() if l]
+  streamed = {k: [] for k in lp}
+  for line in lines[:-1]:
+    (c,) = json.loads(line[6:])["choices"]
+    for k in streamed:
+      streamed[k] += (c["logprobs"] or {}).get(k, [])
+  assert streamed == lp
+  assert _complete(client, prompt="a", max_tokens=3)["choices"][0]["logprobs"] is None
+
+
 def test_codegeex_route(client, sampler):
   r = client.post(
     "/api/v2/multilingual_code_generate",
@@ -120,7 +141,8 @@ def test_codegeex_route(client, sampler):
     ({"prompt": "a" * 80}, "at most 63"),
     ({"prompt": "", "max_tokens": 2}, "empty prompt"),
     ({"prompt": "a", "echo": "yes"}, "'echo' must be true or false"),
-    ({"prompt": "a", "logprobs": 2}, "'logprobs' is not supported"),
+    ({"prompt": "a", "logprobs": 6}, "'logprobs' must be an integer in 0..5"),
+    ({"prompt": "a", "logprobs": 2, "echo": True}, "prompt tokens are not scored"),
   ],
 )
 def test_bad_requests_are_one_clear_400(client, body, message):
