@@ -171,17 +171,9 @@ def run(argv=None) -> int:
 
   from geex_jax.inference import sampler as sampler_lib
 
-  mesh = None
-  if a.model_parallel > 1:
-    import jax
-    from geex_jax.model import partitioning
+  from geex_jax.model import partitioning
 
-    if jax.device_count() < a.model_parallel:
-      raise InputError(
-        f"--model_parallel {a.model_parallel} needs that many devices; "
-        f"{jax.device_count()} available"
-      )
-    mesh = partitioning.make_mesh(1, 1, a.model_parallel, devices=jax.devices()[: a.model_parallel])
+  mesh = partitioning.model_parallel_mesh(a.model_parallel)
   sampler = sampler_lib.Sampler.load(
     a.checkpoint,
     None if a.tokenizer == "bytes" else a.tokenizer,

@@ -287,7 +287,10 @@ class Engine:
       quantized=quantization.is_quantized(sampler.params),
       matmul="xla",  # the Pallas kernel is for batch-1 shapes; here the slots form the batch
     )
-    self.spec = EngineSpec(decode, int(slots), int(max_length), int(chunk), self.tokenizer.eos_id)
+    self.mesh = sampler.mesh
+    self.spec = EngineSpec(
+      decode, int(slots), int(max_length), int(chunk), self.tokenizer.eos_id, self.mesh
+    )
     # Attention windows of the chunk program (max_length / 8, / 4, / 2, max_length): a chunk
     # attends over the smallest that holds its running samples, not always over max_length.
     self.windows = sorted(
@@ -300,6 +303,11 @@ class Engine:
     self._cache = jax.tree.map(lambda x: jnp.repeat(x, slots, axis=0), one)
     key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
     self._rows = P.empty_rows(slots, key_words)
+    if self.mesh is not None:
+      self._cache, self._rows, self._tables = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.device_put(x, P.pool_sharding(self.mesh, p, x)),
+        (self._cache, self._rows, self._tables),
+      )
     self._host_done = np.zeros(slots, bool)
     self._owner: list[Optional[_Sample]] = [None] * slots
     self._waiting: collections.deque[_Sample] = collections.deque()
@@ -430,11 +438,14 @@ class Engine:
   # -- the worker ------------------------------------------------------------------------------
 
   def _run(self, warmup: bool) -> None:
+    from geex_jax.model import partitioning
+
     try:
-      if warmup:
-        self._warmup()
-      self.ready.set()
-      self._loop()
+      with partitioning.mesh_context(self.mesh):  # the model's logical constraints, as Sampler
+        if warmup:
+          self._warmup()
+        self.ready.set()
+        self._loop()
     except BaseException as e:  # reported to every waiting caller
       log.exception("engine worker failed")
       self.error = e

@@ -11,10 +11,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from geex_jax.inference import stop_automata as SA
 from geex_jax.inference.decoding import DecodeSpec, forward
@@ -37,6 +38,28 @@ class EngineSpec:
   max_length: int
   chunk: int
   eos_id: int
+  # Weights sharded over this mesh's `model` axis (Sampler.load(mesh=...)): the pool's keys and
+  # values are split by heads the same way, everything else is replicated (`pool_sharding`).
+  mesh: Optional[Mesh] = None
+
+
+def pool_sharding(mesh: Mesh, path, x) -> NamedSharding:
+  """Where a pool leaf lives on `mesh`: K/V ([S, ..., heads, M, head_dim]) split by heads over
+  `model` when they divide, the rest (masks, indices, per-slot rows) replicated."""
+  model = mesh.shape.get("model", 1)
+  if _leaf_name(path) in ("cached_key", "cached_value") and x.shape[-3] % model == 0:
+    return NamedSharding(mesh, PartitionSpec(*([None] * (x.ndim - 3)), "model", None, None))
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def _pin(spec: EngineSpec, tree):
+  """The pool (or rows) constrained to `pool_sharding`, so every program returns them where it
+  found them: the next call sees the same input shardings and compiles nothing new."""
+  if spec.mesh is None:
+    return tree
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: jax.lax.with_sharding_constraint(x, pool_sharding(spec.mesh, p, x)), tree
+  )
 
 
 class Rows(NamedTuple):
@@ -263,6 +286,7 @@ def insert(
   )
   one, out = _choose(spec, one, logits, tables)
   rows = Rows(*(r.at[slot].set(o[0]) for r, o in zip(rows, one)))
+  cache, rows = _pin(spec, (cache, rows))
   return cache, rows, jax.tree.map(lambda x: x[:, None], out), _finish_code(one)
 
 
@@ -334,6 +358,7 @@ def chunk(spec: EngineSpec, params, cache, rows: Rows, host_done: Array, tables,
   _, cache, rows, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, rows, outs))
   if full is not None:
     cache = jax.tree_util.tree_map_with_path(_widen_back, full, cache)
+  cache, rows = _pin(spec, (cache, rows))
   return cache, rows, outs, _finish_code(rows)
 
 

@@ -91,6 +91,18 @@ def make_mesh(
   return Mesh(grid, MESH_AXES)
 
 
+def model_parallel_mesh(n: int) -> Optional[Mesh]:
+  """The inference mesh of `--model_parallel n`: the weights over the first n devices' `model`
+  axis; None for n = 1. ConfigError when there are fewer devices."""
+  if n <= 1:
+    return None
+  if jax.device_count() < n:
+    raise ConfigError(
+      f"--model_parallel {n} needs that many devices; {jax.device_count()} available"
+    )
+  return make_mesh(1, 1, n, devices=jax.devices()[:n])
+
+
 def logical_to_sharding(
   logical_specs: Any, mesh: Mesh, rules: Optional[Sequence[tuple[str, Any]]] = None
 ) -> Any:

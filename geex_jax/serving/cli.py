@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and compute")
   p.add_argument("--int8", action="store_true", help="INT8 weight-only quantization")
   p.add_argument(
+    "--model_parallel",
+    type=int,
+    default=1,
+    metavar="N",
+    help="shard the weights (and the slots' keys and values, by heads) over N devices",
+  )
+  p.add_argument(
     "--slots", type=int, default=8, help="KV-cache slots: samples decoded at once (default 8)"
   )
   p.add_argument(
@@ -88,8 +95,8 @@ def _check_args(a) -> None:
 
   if not 0 < a.port < 65536:
     raise InputError(f"--port must be in 1..65535, got {a.port}")
-  if a.slots < 1 or a.chunk < 1 or a.max_waiting < 0:
-    raise InputError("--slots and --chunk must be >= 1, --max_waiting >= 0")
+  if a.slots < 1 or a.chunk < 1 or a.max_waiting < 0 or a.model_parallel < 1:
+    raise InputError("--slots, --chunk and --model_parallel must be >= 1, --max_waiting >= 0")
   if a.max_length is not None and a.max_length < 2:
     raise InputError(f"--max_length must be >= 2, got {a.max_length}")
   if not fileio.as_path(a.checkpoint).exists():
@@ -108,8 +115,14 @@ def run(argv=None) -> int:
   from geex_jax.inference.sampler import Sampler
   from geex_jax.serving.app import create_app
 
+  from geex_jax.model import partitioning
+
   sampler = Sampler.load(
-    a.checkpoint, None if a.tokenizer == "bytes" else a.tokenizer, dtype=a.dtype, int8=a.int8
+    a.checkpoint,
+    None if a.tokenizer == "bytes" else a.tokenizer,
+    dtype=a.dtype,
+    int8=a.int8,
+    mesh=partitioning.model_parallel_mesh(a.model_parallel),
   )
   engine = Engine(
     sampler, slots=a.slots, max_length=a.max_length, chunk=a.chunk, max_waiting=a.max_waiting

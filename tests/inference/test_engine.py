@@ -243,3 +243,39 @@ def test_no_logprobs_unless_asked(engine):
   assert got.logprobs is None
   with pytest.raises(InputError, match=r"logprobs must be an integer in \[0, 5\]"):
     engine.submit(_req("a", logprobs=6))
+
+
+def test_on_a_mesh_the_same_tokens_and_no_recompiles(engine, sampler):
+  """Weights over model=2 (as Sampler.load(mesh=...) places them): the pool's keys and values
+  are split by heads, the completions equal the single-device engine's, and requests after the
+  warm-up compile nothing."""
+  from geex_jax.inference.sampler import Sampler
+  from geex_jax.model import codegeex as M
+  from geex_jax.model import partitioning
+
+  mesh = partitioning.make_mesh(data=1, fsdp=1, model=2, devices=jax.devices()[:2])
+  params = partitioning.shard_params(sampler.params, M.param_logical_specs(sampler.config), mesh)
+  sharded = E.Engine(
+    Sampler(sampler.config, params, sampler.tokenizer, mesh=mesh),
+    slots=4,
+    max_length=64,
+    chunk=4,
+  ).start()
+  try:
+    assert sharded.ready.wait(300) and sharded.error is None
+    leaves = jax.tree_util.tree_leaves_with_path(sharded._cache)
+    key = next(x for p, x in leaves if "cached_key" in jax.tree_util.keystr(p))
+    assert "model" in str(key.sharding.spec) and len(key.sharding.device_set) == 2
+    requests = [
+      dict(greedy=True, max_tokens=10),
+      dict(temperature=1.5, seed=3, n=3, max_tokens=12, language="python"),
+    ]
+    for kw in requests:  # the first round also compiles the steady-state shapes
+      want = engine.complete(_req("a(b)\n", **kw), timeout=120)
+      got = sharded.complete(_req("a(b)\n", **kw), timeout=120)
+      assert [g.text for g in got] == [w.text for w in want]
+    before = dict(P.TRACES)
+    sharded.complete(_req("ab(ab(", temperature=0.7, top_k=3, seed=9, n=2, max_tokens=7), 120)
+    assert dict(P.TRACES) == before
+  finally:
+    sharded.stop()

@@ -15,6 +15,7 @@ from journey_tools import run
     (["--checkpoint", ".", "--tokenizer", "bytes", "--slots", "0"], "--slots"),
     (["--checkpoint", ".", "--tokenizer", "bytes", "--dtype", "fp8"], "invalid choice"),
     (["--tokenizer", "bytes"], "--checkpoint"),
+    (["--checkpoint", ".", "--tokenizer", "bytes", "--model_parallel", "99"], "needs that many"),
   ],
 )
 def test_bad_input_is_one_line(args, message):
