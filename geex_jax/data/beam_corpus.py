@@ -257,14 +257,6 @@ def _finish(out: str, work: str, options: dict) -> dict:
     fileio.as_path(posixpath.join(work, r["path"])).rename(posixpath.join(out, rel))
     lc[f"{prefix}shards"].append(rel)
     lc[f"{prefix}shard_documents"].append(r["documents"])
-    counts["kept"] += r["documents"]
-    counts["bytes"] += r["bytes"]
-    if r["split"] == "validation":
-      counts["validation_documents"] += r["documents"]
-      lc["validation_documents"] += r["documents"]
-      lc["validation_bytes"] += r["bytes"]
-    else:
-      lc["documents"] += r["documents"]
-      lc["bytes"] += r["bytes"]
+    corpus.count_kept(counts, r["language"], r["split"], r["bytes"], r["documents"])
   fileio.remove(work)
   return corpus.finish_corpus(out, options, counts)

@@ -164,17 +164,17 @@ def read_document(
   return None, data, content_digest(data)
 
 
-def count_kept(counts: dict, lang: str, split: str, size: int) -> None:
-  """Adds a kept document of `size` bytes to the manifest counts."""
+def count_kept(counts: dict, lang: str, split: str, size: int, documents: int = 1) -> None:
+  """Adds `documents` kept documents of `size` bytes in all to the manifest counts."""
   lc = counts["languages"][lang]
-  counts["kept"] += 1
+  counts["kept"] += documents
   counts["bytes"] += size
   if split == "validation":
-    counts["validation_documents"] += 1
-    lc["validation_documents"] += 1
+    counts["validation_documents"] += documents
+    lc["validation_documents"] += documents
     lc["validation_bytes"] += size
   else:
-    lc["documents"] += 1
+    lc["documents"] += documents
     lc["bytes"] += size
 
 
